@@ -1,0 +1,263 @@
+"""Tensor codecs shared by the quantizing writer and the streaming reader.
+
+A codec turns one floating-point tensor into an :class:`~cache.record.EncodedTensor`
+(named parts plus parameters) and back. Codecs are looked up by :class:`CodecName`, the
+name stored in every record header, never guessed from tensor names.
+
+Library use: the LLM.int8 and 4-bit NF4/FP4 codecs are bitsandbytes' own quantizers
+(``int8_vectorwise_quant``, ``quantize_4bit``/``dequantize_4bit``), which run on CPU.
+Written here: the per-channel int8 codec (the layout torch's ``_weight_int8pack_mm``
+consumes) and the group-wise int4/int2 codecs (asymmetric, one scale and one offset per
+group), because no maintained library ships a CPU round trip for them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import Any
+
+import torch
+
+from cache.record import EncodedTensor, dtype_from_name, dtype_name
+
+
+class CodecName(str, Enum):
+    """Names of the codecs, as stored in record headers."""
+
+    RAW = "raw"
+    INT8_OUTLIER = "int8_outlier"  # LLM.int8: int8 rows + scales, outlier columns in 16-bit
+    INT8_CHANNEL = "int8_channel"  # symmetric per-output-channel int8
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
+    FP4 = "fp4"  # bitsandbytes 4-bit float
+    INT4_GROUP = "int4_group"  # asymmetric group-wise 4-bit, two per byte
+    INT2_GROUP = "int2_group"  # asymmetric group-wise 2-bit, four per byte
+
+
+class Codec(ABC):
+    """Encode a tensor into parts and decode it back.
+
+    Contract: ``decode(encode(w, ...), dtype)`` has ``w``'s shape and the requested dtype.
+    """
+
+    name: CodecName
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, **params: Any) -> EncodedTensor:
+        """Encode ``w`` (any floating dtype, CPU)."""
+
+    @abstractmethod
+    def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rebuild the tensor in ``dtype``."""
+
+    def _check_2d(self, w: torch.Tensor) -> None:
+        if w.ndim != 2:
+            raise ValueError(f"codec {self.name.value} needs a 2-D weight, got shape {tuple(w.shape)}")
+
+
+class RawCodec(Codec):
+    """Keep the tensor as it is, optionally cast to a storage dtype."""
+
+    name = CodecName.RAW
+
+    def encode(self, w: torch.Tensor, *, storage_dtype: torch.dtype | None = None, **_: Any) -> EncodedTensor:
+        t = w if storage_dtype is None else w.to(storage_dtype)
+        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(t.dtype), {"data": t.contiguous()})
+
+    def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return enc.parts["data"].to(dtype)
+
+
+class Int8OutlierCodec(Codec):
+    """LLM.int8-style weights: int8 rows with absmax scales; columns holding any value at or
+    above ``threshold`` in magnitude are zeroed in the int8 part and kept in 16-bit."""
+
+    name = CodecName.INT8_OUTLIER
+
+    def encode(self, w: torch.Tensor, *, threshold: float = 6.0, outlier_dtype=torch.bfloat16, **_: Any) -> EncodedTensor:
+        import bitsandbytes.functional as bnbf
+
+        self._check_2d(w)
+        w32 = w.float()
+        q, row_scale, outlier_cols = bnbf.int8_vectorwise_quant(w32, threshold=float(threshold))
+        if outlier_cols is None:
+            outlier_cols = torch.empty(0, dtype=torch.int32)
+        outlier_cols = outlier_cols.to(torch.int32)
+        parts = {
+            "q": q.contiguous(),  # [out, in] int8
+            "scale": row_scale.float().contiguous(),  # [out] absmax per row
+            "outlier_cols": outlier_cols.contiguous(),  # [k]
+            "outlier_w": w32[:, outlier_cols.long()].to(outlier_dtype).contiguous(),  # [out, k]
+        }
+        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, {"threshold": float(threshold)})
+
+    def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
+        p = enc.parts
+        w = p["q"].float() * (p["scale"].float() / 127.0)[:, None]
+        if p["outlier_cols"].numel():
+            w[:, p["outlier_cols"].long()] = p["outlier_w"].float()
+        return w.to(dtype)
+
+
+class Int8ChannelCodec(Codec):
+    """Symmetric int8 per output channel: ``w ≈ q * scale[:, None]``; q in [-127, 127]."""
+
+    name = CodecName.INT8_CHANNEL
+
+    def encode(self, w: torch.Tensor, **_: Any) -> EncodedTensor:
+        self._check_2d(w)
+        w32 = w.float()
+        scale = (w32.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [out]
+        q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), {"q": q, "scale": scale.contiguous()})
+
+    def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return (enc.parts["q"].float() * enc.parts["scale"][:, None]).to(dtype)
+
+
+class BnB4BitCodec(Codec):
+    """bitsandbytes 4-bit (NF4 or FP4), block-wise absmax, optional double quantization."""
+
+    def __init__(self, quant_type: str) -> None:
+        self.quant_type = quant_type
+        self.name = CodecName(quant_type)
+
+    def encode(
+        self,
+        w: torch.Tensor,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        **_: Any,
+    ) -> EncodedTensor:
+        import bitsandbytes.functional as bnbf
+
+        src = w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
+        packed, state = bnbf.quantize_4bit(
+            src.contiguous(),
+            blocksize=blocksize,
+            compress_statistics=double_quant,
+            quant_type=self.quant_type,
+            quant_storage=quant_storage,
+        )
+        parts = {"packed": packed.contiguous()}
+        for k, v in state.as_dict(packed=True).items():
+            parts[f"qs:{k}"] = v.contiguous()
+        params = {"blocksize": blocksize, "double_quant": bool(double_quant)}
+        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
+
+    def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        qs = {k[3:]: v for k, v in enc.parts.items() if k.startswith("qs:")}
+        state = bnbf.QuantState.from_dict(qs, device=torch.device("cpu"))
+        return bnbf.dequantize_4bit(enc.parts["packed"], state).to(dtype).reshape(enc.shape)
+
+
+class GroupIntCodec(Codec):
+    """Asymmetric group-wise integer codec along the last dim: for each group of
+    ``group_size`` weights, ``w ≈ q * scale + offset`` with q in [0, 2**bits - 1].
+    Values are packed ``8 // bits`` per byte, low bits first. Rows are zero-padded
+    to a multiple of the group size (padding is dropped on decode)."""
+
+    def __init__(self, bits: int, name: CodecName) -> None:
+        self.bits = bits
+        self.name = name
+        self.per_byte = 8 // bits
+        self.levels = (1 << bits) - 1
+
+    def encode(self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, **_: Any) -> EncodedTensor:
+        self._check_2d(w)
+        if group_size <= 0 or group_size % self.per_byte:
+            raise ValueError(f"group_size must be a positive multiple of {self.per_byte}, got {group_size}")
+        rows, cols = w.shape
+        ngroups = -(-cols // group_size)
+        pad = ngroups * group_size - cols
+        w32 = w.float()
+        if pad:
+            # pad with the row's first value so padding never widens a group's range
+            w32 = torch.cat([w32, w32[:, :1].expand(rows, pad)], dim=1)
+        g = w32.reshape(rows, ngroups, group_size)  # [rows, groups, group_size]
+        lo = g.amin(dim=2)
+        hi = g.amax(dim=2)
+        scale = ((hi - lo) / self.levels).clamp_min(1e-8)
+        # round the stored statistics first so the encoder uses exactly what the decoder will
+        scale = scale.to(scale_dtype)
+        lo = lo.to(scale_dtype)
+        q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp_(0, self.levels).to(torch.uint8)
+        q = q.reshape(rows, -1, self.per_byte)  # [rows, cols_padded / per_byte, per_byte]
+        packed = torch.zeros(q.shape[:2], dtype=torch.uint8)
+        for i in range(self.per_byte):
+            packed |= q[..., i] << (i * self.bits)
+        parts = {"packed": packed.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
+        params = {"group_size": group_size, "bits": self.bits}
+        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
+
+    def unpack(self, enc: EncodedTensor) -> torch.Tensor:
+        """Return the integer codes ``[rows, cols_padded]`` as uint8."""
+        packed = enc.parts["packed"]
+        mask = self.levels
+        q = torch.stack([(packed >> (i * self.bits)) & mask for i in range(self.per_byte)], dim=-1)
+        return q.reshape(packed.shape[0], -1)
+
+    def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
+        rows, cols = enc.shape
+        gs = enc.params["group_size"]
+        q = self.unpack(enc).float().reshape(rows, -1, gs)
+        w = q * enc.parts["scale"].float()[..., None] + enc.parts["offset"].float()[..., None]
+        return w.reshape(rows, -1)[:, :cols].to(dtype)
+
+
+_CODECS: dict[CodecName, Codec] = {
+    CodecName.RAW: RawCodec(),
+    CodecName.INT8_OUTLIER: Int8OutlierCodec(),
+    CodecName.INT8_CHANNEL: Int8ChannelCodec(),
+    CodecName.NF4: BnB4BitCodec("nf4"),
+    CodecName.FP4: BnB4BitCodec("fp4"),
+    CodecName.INT4_GROUP: GroupIntCodec(4, CodecName.INT4_GROUP),
+    CodecName.INT2_GROUP: GroupIntCodec(2, CodecName.INT2_GROUP),
+}
+
+
+def get_codec(name: CodecName | str) -> Codec:
+    """Return the codec registered under ``name``.
+
+    Raises:
+        ValueError: unknown codec name (e.g. a record written by a newer sli).
+    """
+    try:
+        return _CODECS[CodecName(name)]
+    except ValueError as e:
+        raise ValueError(f"unknown codec {name!r}; this sli knows {[c.value for c in CodecName]}") from e
+
+
+def decode_tensor(enc: EncodedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode an encoded tensor with the codec named in it, to ``dtype`` (default: its original dtype)."""
+    return get_codec(enc.codec).decode(enc, dtype or dtype_from_name(enc.dtype))
+
+
+def tensor_error(reference: torch.Tensor, approx: torch.Tensor, *, chunk_elems: int = 1 << 20) -> dict[str, float]:
+    """Relative MSE (``mean((a-r)^2) / mean(r^2)``) and max abs error of ``approx`` against ``reference``.
+
+    Computed over row chunks of about ``chunk_elems`` elements in float64 sums, so the
+    temporaries stay small however large the tensor is.
+    """
+    if reference.shape != approx.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(approx.shape)}")
+    if reference.numel() == 0:
+        return {"rel_mse": 0.0, "max_abs_err": 0.0}
+    r2 = reference.reshape(reference.shape[0], -1) if reference.ndim > 1 else reference.reshape(1, -1)
+    a2 = approx.reshape(r2.shape)
+    rows = max(1, chunk_elems // max(1, r2.shape[1]))
+    sq_err = sq_ref = 0.0
+    max_abs = 0.0
+    for i in range(0, r2.shape[0], rows):
+        r = r2[i : i + rows].float()
+        d = a2[i : i + rows].float().sub_(r)
+        sq_err += float(d.double().pow_(2).sum())
+        sq_ref += float(r.double().pow_(2).sum())
+        max_abs = max(max_abs, float(d.abs_().max()))
+    n = reference.numel()
+    mse, ref = sq_err / n, sq_ref / n
+    return {"rel_mse": mse / ref if ref > 0 else (0.0 if mse == 0 else float("inf")), "max_abs_err": max_abs}

@@ -1,0 +1,116 @@
+"""The manifest of one quantized variant: everything needed to run it without the source."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cache.record import RECORD_FORMAT_VERSION
+
+# Version of the store layout (keys, manifest schema). Bump on any incompatible change.
+STORE_FORMAT_VERSION = 1
+
+
+@dataclass
+class TensorEntry:
+    """One tensor of the variant: where it lives, how it was encoded, and what it cost."""
+
+    name: str
+    group: str
+    codec: str
+    shape: list[int]
+    dtype: str  # original dtype in the source
+    original_bytes: int  # numel * source element size
+    raw_bytes: int  # encoded parts, before zstd
+    stored_bytes: int  # on disk, after zstd (or raw when zstd did not pay)
+    compressed: bool
+    rel_mse: float
+    max_abs_err: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorEntry":
+        return cls(**d)
+
+
+@dataclass
+class GroupEntry:
+    """One unit of writing (embeddings, a decoder layer, or the head): written in one transaction."""
+
+    name: str
+    tensors: list[TensorEntry]
+    seconds: float = 0.0
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(t.original_bytes for t in self.tensors)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.raw_bytes for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.stored_bytes for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GroupEntry":
+        return cls(name=d["name"], tensors=[TensorEntry.from_dict(t) for t in d["tensors"]], seconds=d.get("seconds", 0.0))
+
+
+@dataclass
+class Manifest:
+    """Written last, in its own transaction: a variant without a manifest is unfinished.
+
+    Invariant: ``groups`` lists every group in execution order (embed, layer.0 .. layer.N-1, head).
+    """
+
+    variant_id: str
+    model_fingerprint: str
+    quant_fingerprint: str
+    library_version: str
+    model_type: str
+    source: dict[str, Any]  # path, format, bytes on disk
+    config: dict[str, Any]  # the transformers config, as to_dict() gives it
+    quantization: dict[str, Any]  # QuantizationConfig / AdaptiveQuantizer as a dict
+    tokenizer_files: list[str]
+    groups: list[GroupEntry]
+    arch: dict[str, Any]  # where embeddings, layers, norm and head live
+    compress_level: int = 3
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    store_format_version: int = STORE_FORMAT_VERSION
+    record_format_version: int = RECORD_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, TensorEntry]:
+        return {t.name: t for g in self.groups for t in g.tensors}
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(g.original_bytes for g in self.groups)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(g.raw_bytes for g in self.groups)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(g.stored_bytes for g in self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        d = dict(d)
+        d["groups"] = [GroupEntry.from_dict(g) for g in d["groups"]]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"manifest has unknown fields {sorted(unknown)}; written by a newer sli?")
+        return cls(**d)

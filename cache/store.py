@@ -1,0 +1,271 @@
+"""`LayerStore`: one LMDB environment per cache directory, holding quantized variants.
+
+Layout (two named databases):
+
+* ``meta``: ``format`` -> store format; ``variant/<vid>/source`` -> what is being built;
+  ``variant/<vid>/group/<group>`` -> the group's tensor entries (written in the same
+  transaction as the group's records); ``variant/<vid>/manifest`` -> the manifest (last);
+  ``model/<model_fp>/file/<name>`` -> tokenizer and config files, shared by variants.
+* ``tensors``: ``<vid>/<tensor name>`` -> a checksummed record (see :mod:`cache.record`).
+
+A variant whose manifest is absent is unfinished; writing it again skips the groups
+already committed. Many processes may read a finished cache at once (LMDB readers never
+block). The map grows on demand, so writers never hit MDB_MAP_FULL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from cache.errors import CacheFormatError, CacheMismatchError, CorruptRecordError, VariantNotFoundError
+from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest
+from cache.record import EncodedTensor, decode_record
+
+logger = logging.getLogger(__name__)
+
+_INITIAL_MAP_SIZE = 256 << 20
+_DATA_FILE = "data.mdb"
+
+
+def _k(s: str) -> bytes:
+    return s.encode()
+
+
+class LayerStore:
+    """Reads and writes quantized variants in one cache directory.
+
+    Args:
+        path: the cache directory (created when writable and absent).
+        readonly: open for reading only; the directory must already hold a cache.
+
+    Raises:
+        FileNotFoundError: ``readonly`` and no cache at ``path``.
+        CacheFormatError: the cache was written with another store format version.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            if not (self.path / _DATA_FILE).exists():
+                raise FileNotFoundError(
+                    f"no sli cache at {self.path} (no {_DATA_FILE}); build one with `sli quantize MODEL --cache {self.path}`"
+                )
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+        existing = (self.path / _DATA_FILE).stat().st_size if (self.path / _DATA_FILE).exists() else 0
+        try:
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=max(_INITIAL_MAP_SIZE, existing * 2),
+                max_dbs=4,
+                readonly=readonly,
+                lock=True,
+                readahead=False,
+                metasync=True,
+                sync=True,
+            )
+        except lmdb.Error as e:
+            raise CacheFormatError(f"{self.path} is not a readable sli cache ({e}); delete it and run `sli quantize` again") from e
+        self._meta = self.env.open_db(b"meta", create=not readonly)
+        self._tensors = self.env.open_db(b"tensors", create=not readonly)
+        self._check_format()
+
+    # -- housekeeping -------------------------------------------------------------------
+    def _check_format(self) -> None:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"format")
+        if raw is None:
+            if self.readonly:
+                raise CacheFormatError(f"{self.path} has no format record: not an sli cache, or never written")
+            self._write({(self._meta, b"format"): json.dumps({"store_format_version": STORE_FORMAT_VERSION}).encode()})
+            return
+        try:
+            version = json.loads(raw)["store_format_version"]
+        except (ValueError, KeyError) as e:
+            raise CacheFormatError(f"{self.path}: unreadable format record ({e}); delete the directory and rebuild") from e
+        if version != STORE_FORMAT_VERSION:
+            raise CacheFormatError(
+                f"cache {self.path} was written with store format {version}, this sli reads format "
+                f"{STORE_FORMAT_VERSION}; delete it (`rm -r {self.path}`) and run `sli quantize` again"
+            )
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> "LayerStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def _write(self, items: Mapping[tuple[Any, bytes], bytes]) -> None:
+        """Write all items in one transaction, growing the map until they fit."""
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        need = sum(len(v) + len(k) for (_, k), v in items.items())
+        info, stat = self.env.info(), self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        # headroom: LMDB copies touched pages on write, so reserve twice the payload
+        if used + 2 * need + (16 << 20) > info["map_size"]:
+            self._grow(used + 2 * need + (16 << 20))
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for (db, key), value in items.items():
+                        txn.put(key, value, db=db)
+                return
+            except lmdb.MapFullError:
+                self._grow(self.map_size * 2)
+
+    def _grow(self, at_least: int) -> None:
+        new = max(at_least, self.map_size * 2)
+        logger.debug("growing LMDB map of %s to %d MiB", self.path, new >> 20)
+        self.env.set_mapsize(new)
+
+    # -- writing ------------------------------------------------------------------------
+    def begin_variant(self, vid: str, source_info: dict[str, Any]) -> None:
+        """Record which source and config a variant is built from (once; checked on resume).
+
+        Raises:
+            CacheMismatchError: the variant id exists with a different source fingerprint.
+        """
+        key = _k(f"variant/{vid}/source")
+        with self.env.begin(db=self._meta) as txn:
+            old = txn.get(key)
+        if old is not None:
+            old_info = json.loads(old)
+            if old_info.get("model_fingerprint") != source_info.get("model_fingerprint"):
+                raise CacheMismatchError(
+                    f"variant {vid} in {self.path} was started from model {old_info.get('model_fingerprint')}, "
+                    f"not {source_info.get('model_fingerprint')}; delete the cache directory and rebuild"
+                )
+            return
+        self._write({(self._meta, key): json.dumps(source_info, sort_keys=True).encode()})
+
+    def put_group(self, vid: str, group: GroupEntry, records: Mapping[str, bytes]) -> None:
+        """Write a group's records and its entry in one transaction (all or nothing)."""
+        items: dict[tuple[Any, bytes], bytes] = {
+            (self._tensors, _k(f"{vid}/{name}")): rec for name, rec in records.items()
+        }
+        items[(self._meta, _k(f"variant/{vid}/group/{group.name}"))] = json.dumps(group.to_dict()).encode()
+        self._write(items)
+
+    def put_files(self, model_fp: str, files: Mapping[str, bytes]) -> None:
+        """Store the model's tokenizer/config files, shared by all its variants."""
+        self._write({(self._meta, _k(f"model/{model_fp}/file/{n}")): b for n, b in files.items()})
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        """Write the manifest: the variant becomes complete."""
+        self._write({(self._meta, _k(f"variant/{manifest.variant_id}/manifest")): json.dumps(manifest.to_dict()).encode()})
+
+    # -- reading ------------------------------------------------------------------------
+    def get_group(self, vid: str, group: str) -> GroupEntry | None:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(_k(f"variant/{vid}/group/{group}"))
+        return None if raw is None else GroupEntry.from_dict(json.loads(raw))
+
+    def get_manifest(self, vid: str) -> Manifest | None:
+        """The variant's manifest, or None if the variant is absent or unfinished."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(_k(f"variant/{vid}/manifest"))
+        if raw is None:
+            return None
+        try:
+            m = Manifest.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptRecordError(f"variant/{vid}/manifest", f"unreadable manifest ({e})", cache_path=str(self.path)) from e
+        if m.store_format_version != STORE_FORMAT_VERSION:
+            raise CacheFormatError(
+                f"variant {vid} in {self.path} has store format {m.store_format_version}, this sli reads "
+                f"{STORE_FORMAT_VERSION}; rebuild it with `sli quantize`"
+            )
+        return m
+
+    def require_manifest(self, vid: str, *, model_fingerprint: str | None = None) -> Manifest:
+        """Like :meth:`get_manifest` but raises when absent or built from another model."""
+        m = self.get_manifest(vid)
+        if m is None:
+            raise VariantNotFoundError(
+                f"variant {vid} is not complete in {self.path} (known: {self.list_variants()}); "
+                "run `sli quantize` to build or finish it"
+            )
+        if model_fingerprint is not None and m.model_fingerprint != model_fingerprint:
+            raise CacheMismatchError(
+                f"variant {vid} in {self.path} was built from model {m.model_fingerprint}, not {model_fingerprint}; "
+                "quantize this model again"
+            )
+        return m
+
+    def list_variants(self) -> list[str]:
+        """Ids of the complete variants in this cache."""
+        out = []
+        with self.env.begin(db=self._meta) as txn:
+            cur = txn.cursor()
+            if cur.set_range(b"variant/"):
+                for key, _ in cur:
+                    if not key.startswith(b"variant/"):
+                        break
+                    parts = key.decode().split("/")
+                    if len(parts) == 3 and parts[2] == "manifest":
+                        out.append(parts[1])
+        return out
+
+    def get_file(self, model_fp: str, name: str) -> bytes:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(_k(f"model/{model_fp}/file/{name}"))
+        if raw is None:
+            raise VariantNotFoundError(f"file {name!r} of model {model_fp} is not in {self.path}")
+        return bytes(raw)
+
+    def get_record(self, vid: str, name: str) -> EncodedTensor:
+        """Read, verify and parse one tensor record.
+
+        Raises:
+            VariantNotFoundError: no such record.
+            CorruptRecordError: the record fails its checks (it is never served).
+        """
+        key = f"{vid}/{name}"
+        with self.env.begin(db=self._tensors, buffers=True) as txn:
+            buf = txn.get(_k(key))
+            if buf is None:
+                raise VariantNotFoundError(f"no record {key!r} in {self.path}")
+            try:
+                return decode_record(key, buf)
+            except CorruptRecordError as e:
+                raise CorruptRecordError(key, e.reason, cache_path=str(self.path)) from e
+
+    def raw_record(self, vid: str, name: str) -> bytes | None:
+        """The record's bytes as stored (for inspection and tests)."""
+        with self.env.begin(db=self._tensors) as txn:
+            return txn.get(_k(f"{vid}/{name}"))
+
+    def iter_records(self, vid: str) -> Iterator[tuple[str, EncodedTensor]]:
+        """Yield every (tensor name, encoded tensor) of a variant, verifying each."""
+        m = self.require_manifest(vid)
+        for group in m.groups:
+            for t in group.tensors:
+                yield t.name, self.get_record(vid, t.name)
+
+    def delete_variant(self, vid: str) -> None:
+        """Remove a variant's records and entries (the model's shared files stay)."""
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        with self.env.begin(write=True) as txn:
+            for db, prefix in ((self._tensors, _k(f"{vid}/")), (self._meta, _k(f"variant/{vid}/"))):
+                cur = txn.cursor(db=db)
+                if cur.set_range(prefix):
+                    while cur.key().startswith(prefix):
+                        if not cur.delete():
+                            break

@@ -1,0 +1,163 @@
+"""The `sli` command line: fetch-model, quantize, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from cache.errors import CacheError
+from cache.store import LayerStore
+from runtime.arch import UnsupportedArchitectureError
+from sli.config import AdaptiveQuantizer, QuantizationConfig, QuantizationMode
+from sli.sources import ModelSourceError
+
+_DEFAULTS = QuantizationConfig()
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model layer by layer into a cache")
+    p.add_argument("model", help="model folder, .gguf file, or SmolLM2-135M-Instruct (after `sli fetch-model`)")
+    p.add_argument("--mode", choices=[m.value for m in QuantizationMode], default=_DEFAULTS.mode.value)
+    p.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
+    p.add_argument("--mixed", action="store_true", help="mixed precision: attention INT8, FFN NF4, others kept")
+    p.add_argument(
+        "--skip",
+        default=",".join(_DEFAULTS.llm_int8_skip_modules),
+        help="comma-separated modules kept unquantized ('' quantizes all 2-D weights)",
+    )
+    p.add_argument("--compute-dtype", default=_DEFAULTS.compute_dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size, help="int4/int2 group size")
+    p.add_argument("--threshold", type=float, default=_DEFAULTS.llm_int8_threshold, help="int8 outlier threshold")
+    p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: no double quantization")
+    p.add_argument("--compress-level", type=int, default=3, help="zstd level, 0 disables")
+    p.add_argument("--validate-memory", action="store_true", help="fail unless every quantized tensor shrank; report the reduction")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuantizer:
+    skip = [s for s in a.skip.split(",") if s.strip()]
+    if a.mixed:
+        return AdaptiveQuantizer(skip_modules=skip, compute_dtype=a.compute_dtype)
+    return QuantizationConfig(
+        mode=QuantizationMode(a.mode),
+        compute_dtype=a.compute_dtype,
+        double_quant=not a.no_double_quant,
+        llm_int8_threshold=a.threshold,
+        llm_int8_skip_modules=skip,
+        group_size=a.group_size,
+    )
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from sli.processor import UniversalSLIProcessor
+
+    proc = UniversalSLIProcessor(
+        a.model,
+        quantization_config=_plan_from_args(a),
+        cache_dir=a.cache,
+        compress_level=a.compress_level,
+        progress=True,
+    )
+    report = proc.quantize(validate_memory=a.validate_memory)
+    s = report.summary()
+    if a.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    for k, v in s.items():
+        print(f"{k:>22}: {v}")
+    if a.validate_memory:
+        print(f"memory: {s['original_MB']} MB -> {s['cache_MB']} MB on disk, reduction factor {s['reduction_factor']}x")
+    return 0
+
+
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from sli.fetch import fetch_model, gguf_path
+
+    path = fetch_model()
+    print(path)
+    if a.gguf:
+        print(gguf_path())
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    with LayerStore(a.cache, readonly=True) as store:
+        variants = store.list_variants()
+        if a.variant:
+            variants = [v for v in variants if v.startswith(a.variant)]
+        if not variants:
+            print(f"{a.cache}: no complete variant" + (f" matching {a.variant}" if a.variant else ""))
+            return 1
+        for vid in variants:
+            m = store.require_manifest(vid)
+            q = m.quantization
+            mode = q.get("mode") if q.get("kind") == "config" else "mixed"
+            params = sum(_numel(t.shape) for t in m.tensors().values())
+            print(f"variant {vid}  model={m.source['path']} ({m.model_type}, {m.source['format']})  mode={mode}")
+            print(
+                f"  {params / 1e6:.1f}M params  original {m.original_bytes / 1e6:.1f} MB  cache {m.stored_bytes / 1e6:.1f} MB  "
+                f"reduction {m.original_bytes / max(m.stored_bytes, 1):.2f}x  {8 * m.stored_bytes / max(params, 1):.2f} bits/weight  "
+                f"zstd {m.raw_bytes / max(m.stored_bytes, 1):.3f}x  built in {m.seconds:.1f}s by sli {m.library_version}"
+            )
+            print(f"  {'group':<10} {'orig MB':>8} {'raw MB':>8} {'disk MB':>8} {'zstd':>6} {'mean relMSE':>12}  codecs")
+            for g in m.groups:
+                q_errs = [t.rel_mse for t in g.tensors if t.codec != "raw"]
+                codecs = Counter(t.codec for t in g.tensors)
+                print(
+                    f"  {g.name:<10} {g.original_bytes / 1e6:8.2f} {g.raw_bytes / 1e6:8.2f} {g.stored_bytes / 1e6:8.2f} "
+                    f"{g.raw_bytes / max(g.stored_bytes, 1):6.3f} {(sum(q_errs) / len(q_errs)) if q_errs else 0.0:12.3e}  "
+                    + ", ".join(f"{c}x{n}" for c, n in sorted(codecs.items()))
+                )
+                if a.tensors:
+                    for t in g.tensors:
+                        print(
+                            f"      {t.name:<52} {t.codec:<13} {str(t.shape):<14} {t.stored_bytes / 1e6:8.3f} MB "
+                            f"zstd={'yes' if t.compressed else 'no ':<3} relMSE={t.rel_mse:.3e} maxabs={t.max_abs_err:.3e}"
+                        )
+            if a.verify:
+                n = sum(1 for _ in store.iter_records(vid))
+                print(f"  verified {n} records: checksums ok")
+    return 0
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sli", description="layer-streaming inference runtime")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct and convert it to an HF folder")
+    f.add_argument("--gguf", action="store_true", help="also print the GGUF file's path")
+    f.set_defaults(func=cmd_fetch)
+    _add_quantize(sub)
+    sub.choices["quantize"].set_defaults(func=cmd_quantize)
+    i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
+    i.add_argument("cache", type=Path)
+    i.add_argument("--variant", default=None, help="variant id (or prefix)")
+    i.add_argument("--tensors", action="store_true", help="one line per tensor")
+    i.add_argument("--verify", action="store_true", help="read every record and check its checksum")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ModelSourceError, CacheError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
+        print(f"sli: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

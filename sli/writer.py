@@ -1,0 +1,261 @@
+"""The write path: quantize a model group by group (embeddings, each decoder layer, head)
+into a `LayerStore`, resuming from the last committed group after an interruption."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from cache.codecs import CodecName
+from cache.manifest import GroupEntry, Manifest, TensorEntry
+from cache.record import encode_record
+from cache.store import LayerStore
+from runtime.arch import get_arch
+from runtime.memory import PeakMemorySampler
+from sli.config import AdaptiveQuantizer, QuantizationConfig
+from sli.quantizer import LayerQuantizer
+from sli.sources import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryValidationError(ValueError):
+    """A quantized tensor is not smaller than the original."""
+
+
+def library_version() -> str:
+    from sli import __version__
+
+    return __version__
+
+
+def variant_id(model_fingerprint: str, quant_fingerprint: str) -> str:
+    """Key of a (model, quantization) pair inside a cache directory."""
+    return hashlib.sha256(f"{model_fingerprint}:{quant_fingerprint}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class QuantizationReport:
+    """What a quantization produced and cost. Sizes in bytes."""
+
+    variant_id: str
+    cache_dir: str
+    model: str
+    quantization: dict[str, Any]
+    num_parameters: int
+    quantized_parameters: int
+    original_bytes: int  # source tensors, numel * source element size
+    raw_bytes: int  # encoded parts before zstd
+    stored_bytes: int  # payload bytes on disk
+    seconds: float  # time spent quantizing (summed over runs when resumed)
+    peak_rss_bytes: int  # peak anonymous RSS over baseline, this run
+    built_groups: int  # groups written by this run
+    resumed_groups: int  # groups found already committed
+    codec_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # codec -> {original, raw, stored, params}
+    tensor_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    largest_group_bytes: int = 0  # largest group's source bytes (a floor for peak memory)
+
+    @property
+    def reduction_factor(self) -> float:
+        """Original bytes over bytes on disk."""
+        return self.original_bytes / self.stored_bytes if self.stored_bytes else float("nan")
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits on disk per parameter, all tensors included."""
+        return 8.0 * self.stored_bytes / self.num_parameters if self.num_parameters else float("nan")
+
+    @property
+    def zstd_ratio(self) -> float:
+        """Raw encoded bytes over stored bytes (1.0 where zstd was not kept)."""
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else float("nan")
+
+    @property
+    def mean_rel_mse(self) -> float:
+        """Mean relative MSE over the quantized tensors (0 when nothing was quantized)."""
+        vals = [e["rel_mse"] for e in self.tensor_errors.values() if e["codec"] != CodecName.RAW.value]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.original_bytes / 1e6 / self.seconds if self.seconds else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "variant_id": self.variant_id,
+            "cache_dir": self.cache_dir,
+            "model": self.model,
+            "mode": self.quantization.get("mode", self.quantization.get("kind")),
+            "parameters": self.num_parameters,
+            "quantized_parameters": self.quantized_parameters,
+            "original_MB": round(self.original_bytes / 1e6, 2),
+            "cache_MB": round(self.stored_bytes / 1e6, 2),
+            "reduction_factor": round(self.reduction_factor, 3),
+            "bits_per_weight": round(self.bits_per_weight, 3),
+            "zstd_ratio": round(self.zstd_ratio, 3),
+            "mean_rel_mse": self.mean_rel_mse,
+            "seconds": round(self.seconds, 2),
+            "MB_per_s": round(self.mb_per_s, 1),
+            "peak_rss_MB": round(self.peak_rss_bytes / 1e6, 1),
+            "largest_group_MB": round(self.largest_group_bytes / 1e6, 1),
+            "built_groups": self.built_groups,
+            "resumed_groups": self.resumed_groups,
+        }
+
+    @classmethod
+    def from_manifest(cls, m: Manifest, cache_dir: str, *, peak_rss_bytes: int, built: int, resumed: int) -> "QuantizationReport":
+        codec_bytes: dict[str, dict[str, int]] = defaultdict(lambda: {"original": 0, "raw": 0, "stored": 0, "params": 0})
+        errors: dict[str, dict[str, float]] = {}
+        nparams = qparams = 0
+        for t in m.tensors().values():
+            n = 1
+            for s in t.shape:
+                n *= s
+            nparams += n
+            if t.codec != CodecName.RAW.value:
+                qparams += n
+            c = codec_bytes[t.codec]
+            c["original"] += t.original_bytes
+            c["raw"] += t.raw_bytes
+            c["stored"] += t.stored_bytes
+            c["params"] += n
+            errors[t.name] = {"codec": t.codec, "rel_mse": t.rel_mse, "max_abs_err": t.max_abs_err}
+        return cls(
+            variant_id=m.variant_id,
+            cache_dir=cache_dir,
+            model=m.source.get("path", ""),
+            quantization=m.quantization,
+            num_parameters=nparams,
+            quantized_parameters=qparams,
+            original_bytes=m.original_bytes,
+            raw_bytes=m.raw_bytes,
+            stored_bytes=m.stored_bytes,
+            seconds=m.seconds,
+            peak_rss_bytes=peak_rss_bytes,
+            built_groups=built,
+            resumed_groups=resumed,
+            codec_bytes=dict(codec_bytes),
+            tensor_errors=errors,
+            largest_group_bytes=max((g.original_bytes for g in m.groups), default=0),
+        )
+
+
+def _group_tensors(source: ModelSource) -> tuple[list[str], dict[str, list[str]]]:
+    config = source.config
+    arch = get_arch(config.model_type)
+    order = arch.group_order(config.num_hidden_layers)
+    groups: dict[str, list[str]] = {g: [] for g in order}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name in source.tensor_names():
+        if tied and name == f"{arch.head}.weight":
+            continue  # tied to the embeddings: stored once, under the embedding's name
+        g = arch.group_of(name)
+        if g not in groups:
+            raise ValueError(f"tensor {name} belongs to {g}, beyond the {config.num_hidden_layers} layers in the config")
+        groups[g].append(name)
+    return order, groups
+
+
+def quantize_model(
+    source: ModelSource,
+    plan: QuantizationConfig | AdaptiveQuantizer,
+    store: LayerStore,
+    *,
+    compress_level: int = 3,
+    validate_memory: bool = False,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``source`` into ``store`` one group at a time; resume if partly done.
+
+    Each group (embeddings, a decoder layer, the head) is read, quantized, encoded and
+    committed in one transaction, then freed: peak memory stays near the largest group.
+    The manifest is written last.
+
+    Raises:
+        MemoryValidationError: ``validate_memory`` and a quantized tensor is not smaller than
+            its original (nothing of that group is written).
+        UnsupportedArchitectureError: the model type is not in the registry.
+    """
+    arch = get_arch(source.config.model_type)
+    model_fp, quant_fp = source.fingerprint(), plan.fingerprint()
+    vid = variant_id(model_fp, quant_fp)
+    existing = store.get_manifest(vid)
+    if existing is not None:
+        logger.info("variant %s is already complete in %s", vid, store.path)
+        return QuantizationReport.from_manifest(existing, str(store.path), peak_rss_bytes=0, built=0, resumed=len(existing.groups))
+
+    order, groups = _group_tensors(source)
+    store.begin_variant(vid, {"model_fingerprint": model_fp, "quant_fingerprint": quant_fp, "source": source.describe()})
+    quantizer = LayerQuantizer(plan)
+    entries: list[GroupEntry] = []
+    built = resumed = 0
+    with PeakMemorySampler() as mem:
+        bar = tqdm(order, desc=f"quantize {source.path.name}", unit="group", disable=not progress)
+        for gname in bar:
+            done = store.get_group(vid, gname)
+            if done is not None:
+                entries.append(done)
+                resumed += 1
+                continue
+            t0 = time.perf_counter()
+            records: dict[str, bytes] = {}
+            tensors: list[TensorEntry] = []
+            for name in groups[gname]:
+                tensor = source.read(name)
+                enc, stats = quantizer.quantize_tensor(name, tensor)
+                if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
+                    raise MemoryValidationError(
+                        f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
+                        f"{stats.original_bytes}; choose another mode or skip the module"
+                    )
+                rec, info = encode_record(enc, compress_level=compress_level)
+                records[name] = rec
+                tensors.append(
+                    TensorEntry(
+                        name=name,
+                        group=gname,
+                        codec=enc.codec,
+                        shape=list(tensor.shape),
+                        dtype=str(tensor.dtype).removeprefix("torch."),
+                        original_bytes=stats.original_bytes,
+                        raw_bytes=info.raw_len,
+                        stored_bytes=info.stored_len,
+                        compressed=info.compressed,
+                        rel_mse=stats.rel_mse,
+                        max_abs_err=stats.max_abs_err,
+                    )
+                )
+                del tensor, enc
+            entry = GroupEntry(name=gname, tensors=tensors, seconds=time.perf_counter() - t0)
+            store.put_group(vid, entry, records)
+            del records
+            entries.append(entry)
+            built += 1
+            bar.set_postfix(MBps=f"{entry.original_bytes / 1e6 / max(entry.seconds, 1e-9):.0f}")
+        files = source.tokenizer_files()
+        store.put_files(model_fp, files)
+    manifest = Manifest(
+        variant_id=vid,
+        model_fingerprint=model_fp,
+        quant_fingerprint=quant_fp,
+        library_version=library_version(),
+        model_type=source.config.model_type,
+        source=source.describe(),
+        config=source.config_dict(),
+        quantization=plan.to_dict(),
+        tokenizer_files=sorted(files),
+        groups=entries,
+        arch=arch.to_dict(),
+        compress_level=compress_level,
+        seconds=sum(g.seconds for g in entries),
+        peak_rss_bytes=mem.peak_bytes,
+    )
+    store.put_manifest(manifest)
+    logger.info("variant %s complete: %d groups built, %d resumed", vid, built, resumed)
+    return QuantizationReport.from_manifest(manifest, str(store.path), peak_rss_bytes=mem.peak_bytes, built=built, resumed=resumed)
