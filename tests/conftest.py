@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models (no download) and the real model (fetched once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
+def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: int = 320):
+    from transformers import AutoConfig
+
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if model_type in ("gemma", "qwen3"):
+        common["head_dim"] = hidden // 4
+    if model_type == "mistral":
+        common["sliding_window"] = None
+    return AutoConfig.for_model(model_type, **common)
+
+
+def make_tiny_model(
+    root: Path, model_type: str = "llama", *, fmt: str = "safetensors", shards: int = 1, seed: int = 0, **kw
+) -> Path:
+    """Save a random-initialised model of ``model_type`` under ``root`` and return its folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, **kw)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    out = root / f"{model_type}-{fmt}-{shards}-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(out)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        if shards == 1:
+            model.save_pretrained(out)
+        else:
+            from safetensors.torch import save_file
+            import json
+
+            names = list(sd)
+            per = -(-len(names) // shards)
+            weight_map = {}
+            for i in range(shards):
+                fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+                part = {n: sd[n] for n in names[i * per : (i + 1) * per]}
+                save_file(part, str(out / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in part})
+            (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    elif fmt == "bin":
+        torch.save(sd, out / "pytorch_model.bin")
+    else:
+        raise ValueError(fmt)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_root) -> Path:
+    return make_tiny_model(tiny_root, "llama", layers=3)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """The real model's HF folder (fetched on first use; `make test` fetches it beforehand)."""
+    from sli.fetch import fetch_model
+
+    return fetch_model()
+
+
+@pytest.fixture(scope="session")
+def real_gguf(real_model) -> Path:
+    from sli.fetch import gguf_path
+
+    return gguf_path()

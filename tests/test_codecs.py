@@ -1,0 +1,124 @@
+"""Layer 1: every codec's round trip, with error bounds, on fixed seeds."""
+
+import pytest
+import torch
+
+from cache.codecs import CodecName, decode_tensor, get_codec, tensor_error
+
+
+def _weight(rows=96, cols=256, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+
+
+# relative MSE bounds for Gaussian weights: 8-bit ~1e-4, 4-bit ~1e-2, 2-bit ~0.1-0.2
+BOUNDS = {
+    CodecName.RAW: 0.0,
+    CodecName.INT8_OUTLIER: 2e-4,
+    CodecName.INT8_CHANNEL: 2e-4,
+    CodecName.NF4: 1.2e-2,
+    CodecName.FP4: 2.5e-2,
+    CodecName.INT4_GROUP: 1.5e-2,
+    CodecName.INT2_GROUP: 0.3,  # theory for min-max 2-bit on Gaussian groups of 128: ~0.25
+}
+
+
+@pytest.mark.parametrize("codec", list(CodecName))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_round_trip_within_bound(codec, dtype):
+    w = _weight(dtype=dtype)
+    enc = get_codec(codec).encode(w)
+    assert enc.codec == codec.value and enc.shape == tuple(w.shape)
+    out = decode_tensor(enc)
+    assert out.shape == w.shape and out.dtype == dtype
+    err = tensor_error(w, out)
+    assert err["rel_mse"] <= BOUNDS[codec], (codec, err)
+    if codec is not CodecName.RAW:
+        assert err["rel_mse"] > 0  # a lossy codec that reports no loss would be suspicious
+        assert enc.nbytes < w.numel() * w.element_size()
+
+
+def test_bits_per_weight_of_packed_codecs():
+    w = _weight(rows=128, cols=1024, dtype=torch.float16)
+    n = w.numel()
+    bpw = {c: 8 * get_codec(c).encode(w).nbytes / n for c in (CodecName.NF4, CodecName.INT4_GROUP, CodecName.INT2_GROUP)}
+    assert 4.0 < bpw[CodecName.NF4] < 4.3  # 4 bits + double-quantized absmax per 64
+    assert 4.0 < bpw[CodecName.INT4_GROUP] < 4.3  # 4 bits + fp16 scale and offset per 128
+    assert 2.0 < bpw[CodecName.INT2_GROUP] < 2.3
+
+
+def test_group_codec_pads_ragged_rows_and_respects_group_size():
+    w = _weight(rows=7, cols=200)  # 200 is not a multiple of 128
+    for gs in (32, 64, 128):
+        enc = get_codec(CodecName.INT4_GROUP).encode(w, group_size=gs)
+        assert enc.parts["scale"].shape == (7, -(-200 // gs))
+        out = decode_tensor(enc)
+        assert out.shape == (7, 200)
+    e32 = tensor_error(w, decode_tensor(get_codec(CodecName.INT4_GROUP).encode(w, group_size=32)))["rel_mse"]
+    e128 = tensor_error(w, decode_tensor(get_codec(CodecName.INT4_GROUP).encode(w, group_size=128)))["rel_mse"]
+    assert e32 < e128  # smaller groups fit better
+    with pytest.raises(ValueError, match="multiple of 2"):
+        get_codec(CodecName.INT4_GROUP).encode(w, group_size=33)
+
+
+def test_group_codec_is_exact_on_its_own_grid():
+    # weights already on a 4-bit grid per group are reproduced exactly
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (4, 128), generator=g).float()
+    scale = torch.tensor([0.5, 0.25, 0.125, 1.0])[:, None]
+    w = (q * scale - 3.0).to(torch.float32)
+    out = decode_tensor(get_codec(CodecName.INT4_GROUP).encode(w, group_size=128))
+    assert torch.equal(out, w)
+
+
+def test_int8_outlier_columns_kept_in_16bit():
+    w = _weight(rows=32, cols=64, dtype=torch.float32)
+    w[:, 5] = 9.0
+    w[3, 40] = -7.5
+    enc = get_codec(CodecName.INT8_OUTLIER).encode(w, threshold=6.0)
+    assert sorted(enc.parts["outlier_cols"].tolist()) == [5, 40]
+    out = decode_tensor(enc)
+    assert torch.allclose(out[:, [5, 40]], w[:, [5, 40]].to(torch.bfloat16).float())
+    # outliers do not inflate the row scales: the other columns stay accurate
+    mask = torch.ones(64, dtype=torch.bool)
+    mask[[5, 40]] = False
+    assert tensor_error(w[:, mask], out[:, mask])["rel_mse"] < 2e-4
+    no_thr = get_codec(CodecName.INT8_OUTLIER).encode(w, threshold=0.0)
+    assert no_thr.parts["outlier_cols"].numel() == 0
+    assert tensor_error(w[:, mask], decode_tensor(no_thr)[:, mask])["rel_mse"] > 10 * tensor_error(w[:, mask], out[:, mask])["rel_mse"]
+
+
+def test_nf4_double_quant_is_smaller_and_close():
+    w = _weight(rows=256, cols=512)
+    dq = get_codec(CodecName.NF4).encode(w, double_quant=True)
+    sq = get_codec(CodecName.NF4).encode(w, double_quant=False)
+    assert dq.nbytes < sq.nbytes
+    e_dq = tensor_error(w, decode_tensor(dq))["rel_mse"]
+    e_sq = tensor_error(w, decode_tensor(sq))["rel_mse"]
+    assert e_dq == pytest.approx(e_sq, rel=0.1)
+
+
+def test_codecs_are_deterministic():
+    w = _weight()
+    for c in CodecName:
+        a, b = get_codec(c).encode(w), get_codec(c).encode(w)
+        assert a.parts.keys() == b.parts.keys()
+        assert all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts)
+
+
+def test_tensor_error_chunked_matches_direct():
+    w = _weight(rows=300, cols=70, dtype=torch.float32)
+    a = w + 0.001 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    direct = float(((a - w) ** 2).mean() / (w**2).mean())
+    before = a.clone()
+    chunked = tensor_error(w, a, chunk_elems=500)
+    assert torch.equal(a, before)  # inputs are never modified
+    assert chunked["rel_mse"] == pytest.approx(direct, rel=1e-6)
+    assert chunked["max_abs_err"] == pytest.approx(float((a - w).abs().max()))
+
+
+def test_unknown_codec_and_bad_shapes():
+    with pytest.raises(ValueError, match="unknown codec 'zip9'"):
+        get_codec("zip9")
+    with pytest.raises(ValueError, match="needs a 2-D weight"):
+        get_codec(CodecName.INT4_GROUP).encode(torch.zeros(8))
