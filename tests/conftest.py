@@ -25,6 +25,9 @@ def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: in
         vocab_size=vocab,
         max_position_embeddings=256,
         tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     if model_type in ("gemma", "qwen3"):
         common["head_dim"] = hidden // 4

@@ -1,0 +1,72 @@
+"""Layer 3: the real model (SmolLM2-135M-Instruct) quantized in every mode, from its HF
+folder and from the GGUF file it ships as."""
+
+import pytest
+import torch
+
+from cache import LayerStore, decode_tensor
+from sli import QuantizationConfig, QuantizationMode, UniversalSLIProcessor, get_mixed_precision_config, open_source
+
+pytestmark = pytest.mark.real
+
+# Upper bounds on the mean relative MSE of the quantized tensors, and lower bounds on the
+# on-disk reduction (embeddings stay bf16 by default: they are 21% of this model).
+EXPECT = {
+    "none": (0.0, 1.0),
+    "int8": (1e-3, 1.8),
+    "int8_dynamic": (1e-3, 1.8),
+    "nf4": (0.03, 2.5),
+    "fp4": (0.05, 2.5),
+    "int4": (0.03, 2.5),
+    "int2": (0.5, 3.5),
+}
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.mark.parametrize("mode", [m.value for m in QuantizationMode])
+def test_real_model_every_mode(real_model, real_cache, mode):
+    p = UniversalSLIProcessor(real_model, quantization_config=QuantizationConfig(mode=mode), cache_dir=real_cache, progress=False)
+    r = p.quantize(validate_memory=mode != "none")
+    max_mse, min_reduction = EXPECT[mode]
+    assert r.num_parameters == 134_515_008  # tied head stored once
+    assert r.built_groups == 32
+    assert r.mean_rel_mse <= max_mse
+    assert r.reduction_factor >= min_reduction
+    if mode != "none":
+        # every decoder projection: q, o (576x576), k, v (192x576), gate, up, down (576x1536), 30 layers
+        assert r.mean_rel_mse > 0 and r.quantized_parameters == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    # memory: one group at a time (largest is the 57 MB embedding), never the whole 269 MB model
+    assert r.peak_rss_bytes < 3 * r.largest_group_bytes + (64 << 20)
+    with LayerStore(real_cache, readonly=True) as st:
+        enc = st.get_record(r.variant_id, "model.layers.7.mlp.down_proj.weight")
+        w = p.source.read("model.layers.7.mlp.down_proj.weight")
+        out = decode_tensor(enc)
+        assert out.shape == w.shape
+        rel = float((out.float() - w.float()).pow(2).mean() / w.float().pow(2).mean())
+        assert rel == pytest.approx(r.tensor_errors["model.layers.7.mlp.down_proj.weight"]["rel_mse"], rel=1e-4)
+
+
+def test_real_model_mixed_precision(real_model, real_cache):
+    r = UniversalSLIProcessor(real_model, adaptive_quantizer=get_mixed_precision_config(), cache_dir=real_cache, progress=False).quantize()
+    codecs = {e["codec"] for n, e in r.tensor_errors.items() if ".layers." in n and n.endswith("proj.weight")}
+    assert codecs == {"int8_outlier", "nf4"}
+    assert 2.0 < r.reduction_factor < 2.7
+
+
+def test_gguf_source_matches_the_converted_folder(real_model, real_gguf):
+    g, s = open_source(real_gguf), open_source(real_model)
+    assert g.format == "gguf" and g.config.model_type == "llama"
+    assert sorted(g.tensor_names()) == sorted(s.tensor_names())
+    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.k_proj.weight", "model.norm.weight"]:
+        assert torch.equal(g.read(name).to(torch.bfloat16), s.read(name)), name
+    assert "chat_template.jinja" in g.tokenizer_files() or "tokenizer_config.json" in g.tokenizer_files()
+
+
+def test_quantize_straight_from_gguf(real_gguf, tmp_path):
+    r = UniversalSLIProcessor(real_gguf, quantization_config="int4", cache_dir=tmp_path, progress=False).quantize(validate_memory=True)
+    assert r.built_groups == 32 and r.original_bytes == 4 * 134_515_008  # GGUF dequantizes to float32
+    assert r.mean_rel_mse < 0.03
