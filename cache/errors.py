@@ -35,3 +35,7 @@ class CacheMismatchError(CacheError):
 
 class VariantNotFoundError(CacheError):
     """The requested variant is not (completely) in the cache."""
+
+
+class MapResized(CacheError):
+    """The LMDB map was full and has been grown: the aborted transaction must be redone."""

@@ -19,12 +19,13 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from cache.errors import CacheFormatError, CacheMismatchError, CorruptRecordError, VariantNotFoundError
+from cache.errors import CacheFormatError, CacheMismatchError, CorruptRecordError, MapResized, VariantNotFoundError
 from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest
 from cache.record import EncodedTensor, decode_record
 
@@ -69,6 +70,8 @@ class LayerStore:
                 readonly=readonly,
                 lock=True,
                 readahead=False,
+                # dirty pages live in the shared file mapping, not in malloc'd (anonymous) memory
+                writemap=not readonly,
                 metasync=True,
                 sync=True,
             )
@@ -110,16 +113,19 @@ class LayerStore:
     def map_size(self) -> int:
         return self.env.info()["map_size"]
 
-    def _write(self, items: Mapping[tuple[Any, bytes], bytes]) -> None:
-        """Write all items in one transaction, growing the map until they fit."""
-        if self.readonly:
-            raise PermissionError(f"cache {self.path} is open read-only")
-        need = sum(len(v) + len(k) for (_, k), v in items.items())
+    def _reserve(self, need: int) -> None:
+        """Grow the map ahead of a transaction expected to write about ``need`` bytes."""
         info, stat = self.env.info(), self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
         # headroom: LMDB copies touched pages on write, so reserve twice the payload
         if used + 2 * need + (16 << 20) > info["map_size"]:
             self._grow(used + 2 * need + (16 << 20))
+
+    def _write(self, items: Mapping[tuple[Any, bytes], bytes]) -> None:
+        """Write all items in one transaction, growing the map until they fit."""
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        self._reserve(sum(len(v) + len(k) for (_, k), v in items.items()))
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -154,13 +160,44 @@ class LayerStore:
             return
         self._write({(self._meta, key): json.dumps(source_info, sort_keys=True).encode()})
 
+    @contextmanager
+    def write_group(self, vid: str, group: str, *, expected_bytes: int) -> Iterator["GroupWriter"]:
+        """Open one write transaction for a group; records are put as they are produced, so
+        a group's records are never all held in memory. The group's entry, given with
+        :meth:`GroupWriter.finish`, is written last and everything commits at once.
+
+        Raises:
+            MapResized: the map filled up; it has been grown and the group must be redone.
+        """
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        self._reserve(expected_bytes)
+        txn = self.env.begin(write=True)
+        writer = GroupWriter(self, txn, vid, group)
+        try:
+            yield writer
+            if not writer.finished:
+                raise RuntimeError(f"group {group} of {vid} was not finished; nothing was committed")
+            txn.commit()
+        except lmdb.MapFullError:
+            txn.abort()
+            self._grow(self.map_size * 2)
+            raise MapResized(f"LMDB map of {self.path} grown to {self.map_size >> 20} MiB; redo group {group}") from None
+        except BaseException:
+            txn.abort()
+            raise
+
     def put_group(self, vid: str, group: GroupEntry, records: Mapping[str, bytes]) -> None:
         """Write a group's records and its entry in one transaction (all or nothing)."""
-        items: dict[tuple[Any, bytes], bytes] = {
-            (self._tensors, _k(f"{vid}/{name}")): rec for name, rec in records.items()
-        }
-        items[(self._meta, _k(f"variant/{vid}/group/{group.name}"))] = json.dumps(group.to_dict()).encode()
-        self._write(items)
+        while True:
+            try:
+                with self.write_group(vid, group.name, expected_bytes=sum(map(len, records.values()))) as w:
+                    for name, rec in records.items():
+                        w.put(name, rec)
+                    w.finish(group)
+                return
+            except MapResized:
+                continue
 
     def put_files(self, model_fp: str, files: Mapping[str, bytes]) -> None:
         """Store the model's tokenizer/config files, shared by all its variants."""
@@ -269,3 +306,20 @@ class LayerStore:
                     while cur.key().startswith(prefix):
                         if not cur.delete():
                             break
+
+
+class GroupWriter:
+    """Puts one group's records inside an open write transaction (see :meth:`LayerStore.write_group`)."""
+
+    def __init__(self, store: LayerStore, txn: lmdb.Transaction, vid: str, group: str) -> None:
+        self._store, self._txn, self._vid, self._group = store, txn, vid, group
+        self.finished = False
+
+    def put(self, name: str, record: bytes) -> None:
+        self._txn.put(_k(f"{self._vid}/{name}"), record, db=self._store._tensors)
+
+    def finish(self, entry: GroupEntry) -> None:
+        if entry.name != self._group:
+            raise ValueError(f"entry for {entry.name} given to the writer of {self._group}")
+        self._txn.put(_k(f"variant/{self._vid}/group/{entry.name}"), json.dumps(entry.to_dict()).encode(), db=self._store._meta)
+        self.finished = True

@@ -34,6 +34,7 @@ TOKENIZER_FILES = (
 )
 
 _FINGERPRINT_SAMPLE = 1 << 20
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class ModelSourceError(ValueError):
@@ -87,6 +88,10 @@ class ModelSource(ABC):
 
     @abstractmethod
     def weight_files(self) -> list[Path]: ...
+
+    @abstractmethod
+    def tensor_nbytes(self, name: str) -> int:
+        """Bytes ``read(name)`` will return, without reading it."""
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """Tokenizer, chat template and generation files to copy into the cache."""
@@ -166,6 +171,13 @@ class SafetensorsSource(ModelSource):
     def weight_files(self) -> list[Path]:
         return list(self._files)
 
+    def tensor_nbytes(self, name: str) -> int:
+        sl = self._where[name].get_slice(name)
+        n = 1
+        for d in sl.get_shape():
+            n *= d
+        return n * _ST_DTYPE_BYTES.get(sl.get_dtype(), 4)
+
     def close(self) -> None:
         self._handles.clear()
         self._where.clear()
@@ -223,6 +235,10 @@ class TorchBinSource(ModelSource):
 
     def weight_files(self) -> list[Path]:
         return list(self._files)
+
+    def tensor_nbytes(self, name: str) -> int:
+        t = self._load(self._names[name])[name]
+        return t.numel() * t.element_size()
 
     def close(self) -> None:
         self._open.clear()
@@ -286,6 +302,9 @@ class GGUFSource(ModelSource):
 
     def weight_files(self) -> list[Path]:
         return [self.path]
+
+    def tensor_nbytes(self, name: str) -> int:
+        return int(self._tensors[name].n_elements) * 4  # dequantized to float32
 
     def tokenizer_files(self) -> dict[str, bytes]:
         from transformers import AutoTokenizer

@@ -13,11 +13,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cache.codecs import CodecName
+from cache.errors import MapResized
 from cache.manifest import GroupEntry, Manifest, TensorEntry
 from cache.record import encode_record
 from cache.store import LayerStore
 from runtime.arch import get_arch
-from runtime.memory import PeakMemorySampler
+from runtime.memory import PeakMemorySampler, release_free_memory
 from sli.config import AdaptiveQuantizer, QuantizationConfig
 from sli.quantizer import LayerQuantizer
 from sli.sources import ModelSource
@@ -162,6 +163,57 @@ def _group_tensors(source: ModelSource) -> tuple[list[str], dict[str, list[str]]
     return order, groups
 
 
+def _write_group(
+    source: ModelSource,
+    quantizer: LayerQuantizer,
+    store: LayerStore,
+    vid: str,
+    gname: str,
+    names: list[str],
+    compress_level: int,
+    validate_memory: bool,
+) -> GroupEntry:
+    """Quantize one group tensor by tensor into an open transaction; commit it whole."""
+    t0 = time.perf_counter()
+    tensors: list[TensorEntry] = []
+    # expected bytes: at most the source bytes, except when kept tensors are widened
+    expected = 2 * sum(source.tensor_nbytes(n) for n in names)
+    with store.write_group(vid, gname, expected_bytes=expected) as w:
+        for name in names:
+            tensor = source.read(name)
+            enc, stats = quantizer.quantize_tensor(name, tensor)
+            if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
+                raise MemoryValidationError(
+                    f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
+                    f"{stats.original_bytes}; choose another mode or skip the module"
+                )
+            shape, dtype, codec = list(tensor.shape), str(tensor.dtype).removeprefix("torch."), enc.codec
+            del tensor
+            rec, info = encode_record(enc, compress_level=compress_level)
+            del enc
+            w.put(name, rec)
+            del rec
+            release_free_memory()
+            tensors.append(
+                TensorEntry(
+                    name=name,
+                    group=gname,
+                    codec=codec,
+                    shape=shape,
+                    dtype=dtype,
+                    original_bytes=stats.original_bytes,
+                    raw_bytes=info.raw_len,
+                    stored_bytes=info.stored_len,
+                    compressed=info.compressed,
+                    rel_mse=stats.rel_mse,
+                    max_abs_err=stats.max_abs_err,
+                )
+            )
+        entry = GroupEntry(name=gname, tensors=tensors, seconds=time.perf_counter() - t0)
+        w.finish(entry)
+    return entry
+
+
 def quantize_model(
     source: ModelSource,
     plan: QuantizationConfig | AdaptiveQuantizer,
@@ -203,38 +255,12 @@ def quantize_model(
                 entries.append(done)
                 resumed += 1
                 continue
-            t0 = time.perf_counter()
-            records: dict[str, bytes] = {}
-            tensors: list[TensorEntry] = []
-            for name in groups[gname]:
-                tensor = source.read(name)
-                enc, stats = quantizer.quantize_tensor(name, tensor)
-                if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
-                    raise MemoryValidationError(
-                        f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
-                        f"{stats.original_bytes}; choose another mode or skip the module"
-                    )
-                rec, info = encode_record(enc, compress_level=compress_level)
-                records[name] = rec
-                tensors.append(
-                    TensorEntry(
-                        name=name,
-                        group=gname,
-                        codec=enc.codec,
-                        shape=list(tensor.shape),
-                        dtype=str(tensor.dtype).removeprefix("torch."),
-                        original_bytes=stats.original_bytes,
-                        raw_bytes=info.raw_len,
-                        stored_bytes=info.stored_len,
-                        compressed=info.compressed,
-                        rel_mse=stats.rel_mse,
-                        max_abs_err=stats.max_abs_err,
-                    )
-                )
-                del tensor, enc
-            entry = GroupEntry(name=gname, tensors=tensors, seconds=time.perf_counter() - t0)
-            store.put_group(vid, entry, records)
-            del records
+            while True:
+                try:
+                    entry = _write_group(source, quantizer, store, vid, gname, groups[gname], compress_level, validate_memory)
+                    break
+                except MapResized:
+                    logger.debug("map grown while writing %s; redoing it", gname)
             entries.append(entry)
             built += 1
             bar.set_postfix(MBps=f"{entry.original_bytes / 1e6 / max(entry.seconds, 1e-9):.0f}")

@@ -170,16 +170,16 @@ def test_validate_memory_rejects_a_codec_that_grows(tmp_path, tiny_llama):
 _KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from cache.store import LayerStore
+    from cache.store import GroupWriter
     model, cache, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    real = LayerStore.put_group
+    real = GroupWriter.finish
     calls = []
-    def put_group(self, *a, **k):
-        if len(calls) == after:      # die while the next group is in flight, before its commit
+    def finish(self, entry):
+        if len(calls) == after:  # the group's records are in the open transaction: die before commit
             os.kill(os.getpid(), signal.SIGKILL)
-        real(self, *a, **k)
+        real(self, entry)
         calls.append(1)
-    LayerStore.put_group = put_group
+    GroupWriter.finish = finish
     from sli import UniversalSLIProcessor
     UniversalSLIProcessor(model, quantization_config="nf4", cache_dir=cache, progress=False).quantize()
     """
