@@ -26,6 +26,8 @@ model: setup
 demo: model
 	$(SLI) quantize SmolLM2-135M-Instruct --mode nf4 --cache $(DEMO_CACHE) --validate-memory
 	$(SLI) inspect $(DEMO_CACHE) --verify
+	$(SLI) generate $(DEMO_CACHE) --mode nf4 --memory-budget 200MB --max-new-tokens 32 \
+		--prompt "Question: What is the capital of France? Answer:"
 
 test: model
 	$(PY) -m pytest -q

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,62 @@ _DATA_FILE = "data.mdb"
 
 def _k(s: str) -> bytes:
     return s.encode()
+
+
+class _SharedEnv:
+    """LMDB allows one environment per file per process: stores on the same directory share it."""
+
+    def __init__(self, env: lmdb.Environment, readonly: bool) -> None:
+        self.env, self.readonly, self.users = env, readonly, 0
+
+
+_OPEN: dict[str, _SharedEnv] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _acquire_env(path: Path, *, readonly: bool) -> lmdb.Environment:
+    key = os.path.realpath(path)
+    with _OPEN_LOCK:
+        shared = _OPEN.get(key)
+        if shared is not None:
+            if shared.readonly and not readonly:
+                raise CacheFormatError(
+                    f"cache {path} is open read-only in this process; close its readers before writing to it"
+                )
+            shared.users += 1
+            return shared.env
+        existing = (path / _DATA_FILE).stat().st_size if (path / _DATA_FILE).exists() else 0
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=max(_INITIAL_MAP_SIZE, existing * 2),
+                max_dbs=4,
+                readonly=readonly,
+                lock=True,
+                readahead=False,
+                # dirty pages live in the shared file mapping, not in malloc'd (anonymous) memory
+                writemap=not readonly,
+                metasync=True,
+                sync=True,
+            )
+        except lmdb.Error as e:
+            raise CacheFormatError(f"{path} is not a readable sli cache ({e}); delete it and run `sli quantize` again") from e
+        shared = _SharedEnv(env, readonly)
+        shared.users = 1
+        _OPEN[key] = shared
+        return env
+
+
+def _release_env(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _OPEN_LOCK:
+        shared = _OPEN.get(key)
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users == 0:
+            shared.env.close()
+            del _OPEN[key]
 
 
 class LayerStore:
@@ -61,22 +118,8 @@ class LayerStore:
                 )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-        existing = (self.path / _DATA_FILE).stat().st_size if (self.path / _DATA_FILE).exists() else 0
-        try:
-            self.env = lmdb.open(
-                str(self.path),
-                map_size=max(_INITIAL_MAP_SIZE, existing * 2),
-                max_dbs=4,
-                readonly=readonly,
-                lock=True,
-                readahead=False,
-                # dirty pages live in the shared file mapping, not in malloc'd (anonymous) memory
-                writemap=not readonly,
-                metasync=True,
-                sync=True,
-            )
-        except lmdb.Error as e:
-            raise CacheFormatError(f"{self.path} is not a readable sli cache ({e}); delete it and run `sli quantize` again") from e
+        self.env = _acquire_env(self.path, readonly=readonly)
+        self._closed = False
         self._meta = self.env.open_db(b"meta", create=not readonly)
         self._tensors = self.env.open_db(b"tensors", create=not readonly)
         self._check_format()
@@ -101,7 +144,9 @@ class LayerStore:
             )
 
     def close(self) -> None:
-        self.env.close()
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)
 
     def __enter__(self) -> "LayerStore":
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,20 @@ class StreamStats:
 
     layers_loaded: int = 0
     bytes_read: int = 0  # record bytes read from the cache
-    load_seconds: float = 0.0  # reading + verifying + decoding
+    load_seconds: float = 0.0  # reading + verifying + decoding (on the prefetch thread when prefetching)
+    wait_seconds: float = 0.0  # time the forward pass stood waiting for a layer
+    prefetch_hits: int = 0  # layers that were ready when needed
+    prefetch_misses: int = 0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        n = self.prefetch_hits + self.prefetch_misses
+        return self.prefetch_hits / n if n else 0.0
+
+    @property
+    def hidden_io_fraction(self) -> float:
+        """Share of the load time that did not stall the forward pass."""
+        return 1.0 - self.wait_seconds / self.load_seconds if self.load_seconds else 0.0
 
 
 def config_from_manifest(manifest: Manifest):
@@ -69,6 +83,8 @@ class StreamingModel:
             ``activation_bytes``.
         dtype: compute dtype; every tensor is decoded to it.
         activation_bytes: allowance for activations, counted in the budget.
+        prefetch: read and decode the next streamed layer on a background thread while the
+            current one computes (uses the second streaming slot).
 
     Raises:
         BudgetTooSmallError: the budget cannot hold the fixed costs plus two layer slots.
@@ -82,6 +98,7 @@ class StreamingModel:
         memory_budget: str | int,
         dtype: torch.dtype = torch.float32,
         activation_bytes: int = DEFAULT_ACTIVATION_BYTES,
+        prefetch: bool = True,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
@@ -111,7 +128,7 @@ class StreamingModel:
             "activations": activation_bytes,
         }
         self.plan: BudgetPlan = MemoryBudget(memory_budget).plan(costs, fixed=fixed)
-        logger.info("%s", self.plan.describe())
+        logger.debug("%s", self.plan.describe())
         self.stats = StreamStats()
         self._assign(self._read_group(EMBED_GROUP))
         head = self._read_group(HEAD_GROUP)
@@ -121,6 +138,11 @@ class StreamingModel:
         for i in self.plan.resident_layers:
             self._assign(self._read_group(f"layer.{i}"))
         self._hooks = []
+        streamed = self.plan.streamed_layers
+        # the streamed layer after i, wrapping to the first for the next forward pass
+        self._next = {i: streamed[(k + 1) % len(streamed)] for k, i in enumerate(streamed)}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch and streamed else None
+        self._pending: dict[int, Future] = {}
         for i in self.plan.streamed_layers:
             layer = self.layers[i]
             self._hooks.append(layer.register_forward_pre_hook(self._make_loader(i)))
@@ -128,15 +150,42 @@ class StreamingModel:
         self.reset_stats()
 
     # -- weights in and out ----------------------------------------------------------------
-    def _read_group(self, name: str) -> dict[str, torch.Tensor]:
+    def _decode_group(self, name: str) -> tuple[dict[str, torch.Tensor], float]:
+        """Read, verify and decode one group (thread-safe: each read has its own transaction)."""
         t0 = time.perf_counter()
-        group = self._groups[name]
-        out = {}
-        for t in group.tensors:
-            out[t.name] = decode_tensor(self.store.get_record(self.variant_id, t.name), self.dtype)
+        out = {t.name: decode_tensor(self.store.get_record(self.variant_id, t.name), self.dtype) for t in self._groups[name].tensors}
+        return out, time.perf_counter() - t0
+
+    def _account(self, name: str, seconds: float) -> None:
         self.stats.layers_loaded += 1
-        self.stats.bytes_read += group.stored_bytes
-        self.stats.load_seconds += time.perf_counter() - t0
+        self.stats.bytes_read += self._groups[name].stored_bytes
+        self.stats.load_seconds += seconds
+
+    def _read_group(self, name: str) -> dict[str, torch.Tensor]:
+        out, seconds = self._decode_group(name)
+        self._account(name, seconds)
+        return out
+
+    def _fetch_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors: from the prefetch thread when it was asked for, else read now."""
+        name = f"layer.{i}"
+        fut = self._pending.pop(i, None)
+        t0 = time.perf_counter()
+        if fut is None:
+            self.stats.prefetch_misses += 1
+            out, seconds = self._decode_group(name)
+        else:
+            if fut.done():
+                self.stats.prefetch_hits += 1
+            else:
+                self.stats.prefetch_misses += 1
+            out, seconds = fut.result()
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self._account(name, seconds)
+        if self._pool is not None:
+            nxt = self._next[i]
+            if nxt != i and nxt not in self._pending:
+                self._pending[nxt] = self._pool.submit(self._decode_group, f"layer.{nxt}")
         return out
 
     def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -159,7 +208,7 @@ class StreamingModel:
 
     def _make_loader(self, i: int):
         def hook(module: nn.Module, args) -> None:
-            self._assign(self._read_group(f"layer.{i}"))
+            self._assign(self._fetch_layer(i))
 
         return hook
 
@@ -187,6 +236,10 @@ class StreamingModel:
         return out.logits.float()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -74,6 +74,43 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(a: argparse.Namespace) -> int:
+    from runtime.generate import GenerationOutput
+    from runtime.memory import format_size
+    from sli.processor import UniversalSLIProcessor
+
+    proc = UniversalSLIProcessor(
+        a.model, quantization_config=_plan_from_args(a), cache_dir=a.cache, memory_budget=a.memory_budget, dtype=a.dtype
+    )
+    proc.model  # load (and quantize if needed) before echoing the prompt
+    out = GenerationOutput()
+    pieces = proc.stream(
+        a.prompt,
+        max_new_tokens=a.max_new_tokens,
+        do_sample=a.temperature > 0,
+        temperature=a.temperature if a.temperature > 0 else 1.0,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        out=out,
+    )
+    print(a.prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    s = out.stats
+    print(
+        f"\n[{proc.model.plan.describe()}]\n"
+        f"[prompt {s.prompt_tokens} tokens, {s.new_tokens} new; first token {s.time_to_first_token_s:.2f}s; "
+        f"prefill {s.prefill_tokens_per_s:.1f} tok/s; decode {s.decode_tokens_per_s:.2f} tok/s; "
+        f"{format_size(s.bytes_read_per_token)} read per token; peak +{format_size(s.peak_rss_bytes)} during generation]",
+        file=sys.stderr,
+    )
+    proc.close()
+    return 0
+
+
 def cmd_fetch(a: argparse.Namespace) -> int:
     from sli.fetch import fetch_model, gguf_path
 
@@ -140,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fetch)
     _add_quantize(sub)
     sub.choices["quantize"].set_defaults(func=cmd_quantize)
+    g = sub.add_parser("generate", help="stream an answer under a memory budget (quantizes first if needed)")
+    g.add_argument("model", help="model folder, .gguf, SmolLM2-135M-Instruct, or a cache directory")
+    g.add_argument("--prompt", required=True, help="prompt text, used as given (no chat template)")
+    g.add_argument("--memory-budget", default=None, help="e.g. 256MB, 2GiB (default: hold everything)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    for action in sub.choices["quantize"]._actions:
+        if action.dest in ("mode", "cache", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant"):
+            g._add_action(action)
+    g.set_defaults(func=cmd_generate)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
     i.add_argument("cache", type=Path)
     i.add_argument("--variant", default=None, help="variant id (or prefix)")

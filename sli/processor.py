@@ -71,6 +71,10 @@ class UniversalSLIProcessor:
             quantization_config = default_registry().get(quantization_config)
         self.plan: QuantizationConfig | AdaptiveQuantizer = adaptive_quantizer or quantization_config or QuantizationConfig()
         self.model_path = resolve_model(model_name)
+        # a cache directory given as the model: run what it holds, no source needed
+        self.cache_only = (self.model_path / "data.mdb").is_file()
+        if self.cache_only:
+            cache_dir = self.model_path
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else sli_home() / "cache"
         if not 0 <= compress_level <= 22:
             raise ValueError(f"compress_level must be 0..22 (0 = no zstd), got {compress_level}")
@@ -93,7 +97,21 @@ class UniversalSLIProcessor:
 
     @property
     def variant_id(self) -> str:
+        if self.cache_only:
+            return self._cached_variant()
         return variant_id(self.source.fingerprint(), self.plan.fingerprint())
+
+    def _cached_variant(self) -> str:
+        with LayerStore(self.cache_dir, readonly=True) as st:
+            manifests = [st.require_manifest(v) for v in st.list_variants()]
+        fp = self.plan.fingerprint()
+        match = [m for m in manifests if m.quant_fingerprint == fp]
+        if len(match) == 1:
+            return match[0].variant_id
+        held = ", ".join(f"{m.variant_id} ({m.source.get('path')}, {m.quantization.get('mode', 'mixed')})" for m in manifests)
+        if not match:
+            raise ValueError(f"cache {self.cache_dir} holds no variant quantized this way; it holds: {held or 'nothing'}")
+        raise ValueError(f"cache {self.cache_dir} holds this quantization for several models ({held}); pass the model path")
 
     def quantize(self, *, validate_memory: bool = False) -> QuantizationReport:
         """Build the cache variant for this model and plan, or finish an interrupted build.

@@ -209,3 +209,24 @@ def test_two_reader_processes_at_once(tmp_path):
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outs[0] == outs[1] and float(outs[0]) != 0.0
+
+
+def test_stores_on_one_directory_share_the_environment(tmp_path):
+    _, enc = _enc()
+    rec = encode_record(enc)[0]
+    w = LayerStore(tmp_path / "c")
+    r = LayerStore(tmp_path / "c", readonly=True)  # a reader beside a writer, same process
+    w.put_group("v", _group("layer.0", ["a"]), {"a": rec})
+    assert r.raw_record("v", "a") == rec
+    w.close()
+    assert r.raw_record("v", "a") == rec  # still open for the reader
+    r.close()
+    r1 = LayerStore(tmp_path / "c", readonly=True)  # opened read-only first: no writer can join
+    r2 = LayerStore(tmp_path / "c", readonly=True)
+    with pytest.raises(CacheFormatError, match="open read-only in this process; close its readers"):
+        LayerStore(tmp_path / "c")
+    r1.close()
+    assert r2.raw_record("v", "a") == rec
+    r2.close()
+    with LayerStore(tmp_path / "c") as again:  # all closed: a writer may open it
+        assert again.raw_record("v", "a") == rec

@@ -135,3 +135,36 @@ def test_processor_generate_text(real_model, tmp_path):
     assert res.stats.bytes_read_per_token > 0  # layers were streamed at this budget
     assert len(p.model.plan.streamed_layers) > 0
     p.close()
+
+
+def test_prefetch_gives_the_same_tokens_and_counts_loads(tmp_path, tiny_root):
+    path = make_tiny_model(tiny_root, "qwen2", layers=6, seed=4)
+    r = UniversalSLIProcessor(path, quantization_config="int4", cache_dir=tmp_path, progress=False).quantize()
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with LayerStore(tmp_path, readonly=True) as st:
+        probe = StreamingModel(st, r.variant_id, memory_budget=1 << 40, activation_bytes=0)
+        budget = _budgets(probe)["min"]
+        probe.close()
+        runs = {}
+        for prefetch in (False, True):
+            m = StreamingModel(st, r.variant_id, memory_budget=budget, activation_bytes=0, prefetch=prefetch)
+            out = generate(m, ids, SamplingConfig(max_new_tokens=6))
+            runs[prefetch] = (out.token_ids, m.stats)
+            m.close()
+    assert runs[False][0] == runs[True][0]
+    for _, stats in runs.values():
+        assert stats.layers_loaded == 6 * 6  # six streamed layers, six forward passes
+        assert stats.prefetch_hits + stats.prefetch_misses == 36
+    assert runs[False][1].prefetch_hits == 0
+
+
+@pytest.mark.real
+def test_cli_generate_under_a_budget(real_model, tmp_path, capsys):
+    from sli.cli import main
+
+    rc = main(["generate", str(real_model), "--cache", str(tmp_path), "--mode", "nf4", "--memory-budget", "200MB",
+               "--prompt", "The capital of France is", "--max-new-tokens", "8"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The capital of France is") and "Paris" in captured.out
+    assert "streamed through 2 slots" in captured.err and "read per token" in captured.err
