@@ -11,6 +11,7 @@ architecture transformers runs (and the registry maps) runs here unchanged.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,16 +62,9 @@ def config_from_manifest(manifest: Manifest):
     return AutoConfig.for_model(model_type, **d)
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _decoded_bytes(group: GroupEntry, dtype: torch.dtype) -> int:
     size = torch.empty(0, dtype=dtype).element_size()
-    return sum(_numel(t.shape) * size for t in group.tensors)
+    return sum(math.prod(t.shape) * size for t in group.tensors)
 
 
 class StreamingModel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -133,7 +134,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             m = store.require_manifest(vid)
             q = m.quantization
             mode = q.get("mode") if q.get("kind") == "config" else "mixed"
-            params = sum(_numel(t.shape) for t in m.tensors().values())
+            params = sum(math.prod(t.shape) for t in m.tensors().values())
             print(f"variant {vid}  model={m.source['path']} ({m.model_type}, {m.source['format']})  mode={mode}")
             print(
                 f"  {params / 1e6:.1f}M params  original {m.original_bytes / 1e6:.1f} MB  cache {m.stored_bytes / 1e6:.1f} MB  "
@@ -159,13 +160,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 n = sum(1 for _ in store.iter_records(vid))
                 print(f"  verified {n} records: checksums ok")
     return 0
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:

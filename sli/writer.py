@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -115,9 +116,7 @@ class QuantizationReport:
         errors: dict[str, dict[str, float]] = {}
         nparams = qparams = 0
         for t in m.tensors().values():
-            n = 1
-            for s in t.shape:
-                n *= s
+            n = math.prod(t.shape)
             nparams += n
             if t.codec != CodecName.RAW.value:
                 qparams += n
