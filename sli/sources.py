@@ -143,14 +143,14 @@ class SafetensorsSource(ModelSource):
         missing = [f for f in self._files if not f.is_file()]
         if missing:
             raise ModelSourceError(f"{path}: the index lists missing shards {[m.name for m in missing]}")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self._handles = {}
         self._where: dict[str, Any] = {}
         for f in self._files:
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            except (SafetensorError, OSError) as e:
                 raise ModelSourceError(f"{f} is not a readable safetensors file ({e})") from e
             self._handles[f] = h
             for k in h.keys():
