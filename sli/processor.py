@@ -134,12 +134,8 @@ class UniversalSLIProcessor:
     def model(self) -> StreamingModel:
         """The streaming model; quantizes first when the cache lacks this variant."""
         if self._model is None:
-            vid = self.variant_id
-            with LayerStore(self.cache_dir) as st:
-                missing = st.get_manifest(vid) is None
-            if missing:
-                logger.info("variant %s not in %s: quantizing first", vid, self.cache_dir)
-                self.quantize()
+            # quantize() builds or finishes the variant, and returns at once when it is complete
+            vid = self.variant_id if self.cache_only else self.quantize().variant_id
             self._store = LayerStore(self.cache_dir, readonly=True)
             budget = self.memory_budget if self.memory_budget is not None else 1 << 50
             self._model = StreamingModel(self._store, vid, memory_budget=budget, dtype=self.dtype)
