@@ -50,6 +50,15 @@ class Codec(ABC):
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         """Rebuild the tensor in ``dtype``."""
 
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        """Rebuild the tensor into ``out`` (its shape, any float dtype); returns ``out``.
+
+        The streaming executor decodes into preallocated slot buffers through this, so a
+        layer load allocates at most one tensor's temporaries. Codecs override it to skip
+        the intermediate tensor where they can.
+        """
+        return out.copy_(self.decode(enc, out.dtype))
+
     def _check_2d(self, w: torch.Tensor) -> None:
         if w.ndim != 2:
             raise ValueError(f"codec {self.name.value} needs a 2-D weight, got shape {tuple(w.shape)}")
@@ -66,6 +75,9 @@ class RawCodec(Codec):
 
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         return enc.parts["data"].to(dtype)
+
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(enc.parts["data"].view(out.shape))
 
 
 class Int8OutlierCodec(Codec):
@@ -114,6 +126,10 @@ class Int8ChannelCodec(Codec):
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         return (enc.parts["q"].float() * enc.parts["scale"][:, None]).to(dtype)
 
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(enc.parts["q"])
+        return out.mul_(enc.parts["scale"].to(out.dtype)[:, None])
+
 
 class BnB4BitCodec(Codec):
     """bitsandbytes 4-bit (NF4 or FP4), block-wise absmax, optional double quantization."""
@@ -158,8 +174,9 @@ class BnB4BitCodec(Codec):
 class GroupIntCodec(Codec):
     """Asymmetric group-wise integer codec along the last dim: for each group of
     ``group_size`` weights, ``w ≈ q * scale + offset`` with q in [0, 2**bits - 1].
-    Values are packed ``8 // bits`` per byte, low bits first. Rows are zero-padded
-    to a multiple of the group size (padding is dropped on decode)."""
+    Values are packed ``8 // bits`` per byte in a planar layout (byte j of a row holds codes
+    j, j + w, ... at bit offsets 0, bits, ...; w = padded columns / codes per byte). Rows are
+    padded to a multiple of the group size (padding is dropped on decode)."""
 
     def __init__(self, bits: int, name: CodecName) -> None:
         self.bits = bits
@@ -186,20 +203,24 @@ class GroupIntCodec(Codec):
         scale = scale.to(scale_dtype)
         lo = lo.to(scale_dtype)
         q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp_(0, self.levels).to(torch.uint8)
-        q = q.reshape(rows, -1, self.per_byte)  # [rows, cols_padded / per_byte, per_byte]
-        packed = torch.zeros(q.shape[:2], dtype=torch.uint8)
+        # planar layout: byte j of a row holds codes j, j + w, j + 2w ... (w = cols_padded / per_byte),
+        # so decoding writes contiguous runs instead of interleaving
+        q = q.reshape(rows, self.per_byte, -1)  # [rows, per_byte, cols_padded / per_byte]
+        packed = torch.zeros(rows, q.shape[2], dtype=torch.uint8)
         for i in range(self.per_byte):
-            packed |= q[..., i] << (i * self.bits)
+            packed |= q[:, i, :] << (i * self.bits)
         parts = {"packed": packed.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
-        params = {"group_size": group_size, "bits": self.bits}
+        params = {"group_size": group_size, "bits": self.bits, "layout": "planar"}
         return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
 
     def unpack(self, enc: EncodedTensor) -> torch.Tensor:
         """Return the integer codes ``[rows, cols_padded]`` as uint8."""
         packed = enc.parts["packed"]
-        mask = self.levels
-        q = torch.stack([(packed >> (i * self.bits)) & mask for i in range(self.per_byte)], dim=-1)
-        return q.reshape(packed.shape[0], -1)
+        planes = [(packed >> (i * self.bits)) & self.levels for i in range(self.per_byte)]
+        if enc.params.get("layout") == "planar":
+            return torch.cat(planes, dim=1)
+        # records written before the planar layout: codes interleaved low bits first
+        return torch.stack(planes, dim=-1).reshape(packed.shape[0], -1)
 
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         rows, cols = enc.shape
@@ -207,6 +228,31 @@ class GroupIntCodec(Codec):
         q = self.unpack(enc).float().reshape(rows, -1, gs)
         w = q * enc.parts["scale"].float()[..., None] + enc.parts["offset"].float()[..., None]
         return w.reshape(rows, -1)[:, :cols].to(dtype)
+
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        rows, cols = enc.shape
+        gs = enc.params["group_size"]
+        packed = enc.parts["packed"]
+        w = packed.shape[1]
+        if enc.params.get("layout") != "planar":  # records written before the planar layout
+            return out.copy_(self.decode(enc, out.dtype))
+        plane = torch.empty_like(packed)
+        for i in range(self.per_byte):
+            lo, hi = i * w, min((i + 1) * w, cols)  # the padding sits at the end of the last plane
+            if lo >= hi:
+                break
+            torch.bitwise_right_shift(packed, i * self.bits, out=plane)
+            plane.bitwise_and_(self.levels)
+            out[:, lo:hi].copy_(plane[:, : hi - lo])
+        del plane
+        scale, offset = enc.parts["scale"].to(out.dtype), enc.parts["offset"].to(out.dtype)
+        full = cols // gs
+        if full:
+            g = out[:, : full * gs].view(rows, full, gs) if full * gs == cols else out[:, : full * gs].unflatten(1, (full, gs))
+            g.mul_(scale[:, :full, None]).add_(offset[:, :full, None])
+        if full * gs < cols:  # a last, partial group
+            out[:, full * gs :].mul_(scale[:, full:, None].squeeze(-1)).add_(offset[:, full:, None].squeeze(-1))
+        return out
 
 
 _CODECS: dict[CodecName, Codec] = {
@@ -232,9 +278,15 @@ def get_codec(name: CodecName | str) -> Codec:
         raise ValueError(f"unknown codec {name!r}; this sli knows {[c.value for c in CodecName]}") from e
 
 
-def decode_tensor(enc: EncodedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decode an encoded tensor with the codec named in it, to ``dtype`` (default: its original dtype)."""
-    return get_codec(enc.codec).decode(enc, dtype or dtype_from_name(enc.dtype))
+def decode_tensor(enc: EncodedTensor, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode an encoded tensor with the codec named in it, to ``dtype`` (default: its
+    original dtype), or into ``out`` when given (its dtype wins)."""
+    codec = get_codec(enc.codec)
+    if out is not None:
+        if tuple(out.shape) != tuple(enc.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, the record holds {tuple(enc.shape)}")
+        return codec.decode_into(enc, out)
+    return codec.decode(enc, dtype or dtype_from_name(enc.dtype))
 
 
 def tensor_error(reference: torch.Tensor, approx: torch.Tensor, *, chunk_elems: int = 1 << 20) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Any
 from cache.record import RECORD_FORMAT_VERSION
 
 # Version of the store layout (keys, manifest schema). Bump on any incompatible change.
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: vocabulary-sized tensors stored in row chunks
 
 
 @dataclass
@@ -27,10 +27,27 @@ class TensorEntry:
     compressed: bool
     rel_mse: float
     max_abs_err: float
+    # rows per record when the tensor is stored in row chunks (records ``<name>#<k>``), else 0
+    chunk_rows: int = 0
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.shape[0] // self.chunk_rows) if self.chunk_rows else 1
+
+    def record_names(self) -> list[str]:
+        """Names of the records that hold this tensor, in row order."""
+        if not self.chunk_rows:
+            return [self.name]
+        return [chunk_record_name(self.name, k) for k in range(self.num_chunks)]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TensorEntry":
         return cls(**d)
+
+
+def chunk_record_name(tensor_name: str, k: int) -> str:
+    """Record name of row chunk ``k`` of a chunked tensor."""
+    return f"{tensor_name}#{k}"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,15 @@ def encode_record(
     return prefix + hbytes + payload, info
 
 
+def _as_tensor(raw: bytes | memoryview) -> torch.Tensor:
+    """A uint8 view of ``raw`` without copying. The buffer is read-only; decoders only read it."""
+    if not len(raw):
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable"
+        return torch.frombuffer(raw, dtype=torch.uint8)
+
+
 def read_header(key: str, buf: bytes | memoryview) -> tuple[dict[str, Any], int]:
     """Parse and verify a record's header. Returns (header, payload offset).
 
@@ -185,10 +195,12 @@ def read_header(key: str, buf: bytes | memoryview) -> tuple[dict[str, Any], int]
     return header, end
 
 
-def decode_record(key: str, buf: bytes | memoryview) -> EncodedTensor:
+def decode_record(key: str, buf: bytes | memoryview, *, zero_copy: bool = False) -> EncodedTensor:
     """Verify and parse a record back into an :class:`EncodedTensor`.
 
-    The returned parts own their memory (they do not point into ``buf``).
+    By default the returned parts own their memory. With ``zero_copy`` the parts of an
+    uncompressed record are read-only views into ``buf`` (for example LMDB's memory map),
+    valid only while ``buf`` is; nothing is copied into process memory.
 
     Raises:
         CorruptRecordError: any checksum, length or parse failure.
@@ -209,12 +221,12 @@ def decode_record(key: str, buf: bytes | memoryview) -> EncodedTensor:
         except zstandard.ZstdError as e:
             raise CorruptRecordError(key, f"zstd payload does not decompress ({e})") from e
     elif header["compression"] == "none":
-        raw = bytes(payload)
+        raw = payload if zero_copy else bytes(payload)
     else:
         raise CorruptRecordError(key, f"unknown compression {header['compression']!r}")
     if len(raw) != header["raw_len"]:
         raise CorruptRecordError(key, f"raw payload is {len(raw)} bytes, header says {header['raw_len']}")
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    data = _as_tensor(raw)
     parts: dict[str, torch.Tensor] = {}
     pos = 0
     for p in header["parts"]:
@@ -222,6 +234,8 @@ def decode_record(key: str, buf: bytes | memoryview) -> EncodedTensor:
         dt = dtype_from_name(p["dtype"])
         chunk = data[pos : pos + n]
         pos += n
+        if n and (pos - n) % dt.itemsize:
+            chunk = chunk.clone()  # a part after an odd-sized one: copy it to an aligned buffer to view it
         parts[p["name"]] = chunk.view(dt).reshape(p["shape"]) if n else torch.empty(p["shape"], dtype=dt)
     if pos != len(raw):
         raise CorruptRecordError(key, f"parts cover {pos} bytes of a {len(raw)}-byte payload")

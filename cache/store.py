@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import torch
 
+from cache.codecs import decode_tensor
 from cache.errors import CacheFormatError, CacheMismatchError, CorruptRecordError, MapResized, VariantNotFoundError
-from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest
-from cache.record import EncodedTensor, decode_record
+from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest, TensorEntry
+from cache.record import EncodedTensor, decode_record, dtype_from_name
 
 logger = logging.getLogger(__name__)
 
@@ -328,17 +330,42 @@ class LayerStore:
             except CorruptRecordError as e:
                 raise CorruptRecordError(key, e.reason, cache_path=str(self.path)) from e
 
+    @contextmanager
+    def reader(self) -> Iterator["RecordReader"]:
+        """A read transaction whose records are decoded without copying uncompressed payloads:
+        their parts are views into LMDB's memory map (file-backed pages, not process memory),
+        valid only inside the ``with`` block. The streaming executor decodes through this."""
+        with self.env.begin(db=self._tensors, buffers=True) as txn:
+            yield RecordReader(self, txn)
+
     def raw_record(self, vid: str, name: str) -> bytes | None:
         """The record's bytes as stored (for inspection and tests)."""
         with self.env.begin(db=self._tensors) as txn:
             return txn.get(_k(f"{vid}/{name}"))
 
     def iter_records(self, vid: str) -> Iterator[tuple[str, EncodedTensor]]:
-        """Yield every (tensor name, encoded tensor) of a variant, verifying each."""
+        """Yield every (record name, encoded tensor) of a variant, verifying each (a chunked
+        tensor yields one record per row chunk)."""
         m = self.require_manifest(vid)
         for group in m.groups:
             for t in group.tensors:
-                yield t.name, self.get_record(vid, t.name)
+                for rname in t.record_names():
+                    yield rname, self.get_record(vid, rname)
+
+    def read_tensor(self, vid: str, entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Decode a whole tensor (stitching its row chunks), to ``dtype`` or its original dtype."""
+        if not entry.chunk_rows:
+            return decode_tensor(self.get_record(vid, entry.name), dtype)
+        out = torch.empty(entry.shape, dtype=dtype or dtype_from_name(entry.dtype))
+        for k, rname in enumerate(entry.record_names()):
+            decode_tensor(self.get_record(vid, rname), out=out[k * entry.chunk_rows : (k + 1) * entry.chunk_rows])
+        return out
+
+    def iter_tensors(self, vid: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield every (tensor name, decoded tensor) of a variant, in group order."""
+        for group in self.require_manifest(vid).groups:
+            for t in group.tensors:
+                yield t.name, self.read_tensor(vid, t, dtype)
 
     def delete_variant(self, vid: str) -> None:
         """Remove a variant's records and entries (the model's shared files stay)."""
@@ -368,3 +395,26 @@ class GroupWriter:
             raise ValueError(f"entry for {entry.name} given to the writer of {self._group}")
         self._txn.put(_k(f"variant/{self._vid}/group/{entry.name}"), json.dumps(entry.to_dict()).encode(), db=self._store._meta)
         self.finished = True
+
+
+class RecordReader:
+    """Zero-copy record access inside one read transaction (see :meth:`LayerStore.reader`)."""
+
+    def __init__(self, store: LayerStore, txn: lmdb.Transaction) -> None:
+        self.store, self.txn = store, txn
+
+    def get(self, vid: str, name: str) -> EncodedTensor:
+        """Verify and parse a record; its parts are valid until the transaction ends.
+
+        Raises:
+            VariantNotFoundError: no such record.
+            CorruptRecordError: the record fails its checks.
+        """
+        key = f"{vid}/{name}"
+        buf = self.txn.get(_k(key))
+        if buf is None:
+            raise VariantNotFoundError(f"no record {key!r} in {self.store.path}")
+        try:
+            return decode_record(key, buf, zero_copy=True)
+        except CorruptRecordError as e:
+            raise CorruptRecordError(key, e.reason, cache_path=str(self.store.path)) from e

@@ -1,12 +1,14 @@
 """`MemoryBudget`: split a user's memory budget into fixed costs, streaming slots and a
-resident set of layers.
+resident set.
 
-Costs are the bytes the runtime holds for each part in its compute form (decoded weights
-in the compute dtype). The planner keeps the always-needed parts (embeddings, head, an
-allowance for activations and KV), reserves at least two streaming slots (one layer
-computing while the next is read), and fills what is left with resident layers, choosing
-the layers whose on-disk records are largest first, so that the bytes read per token are
-as small as the budget allows. When everything fits, nothing is streamed.
+Costs are the bytes the runtime holds in compute form (weights decoded to the compute
+dtype, KV and activations in it too). The planner first checks whether everything fits;
+then nothing is streamed and nothing is read per token. Otherwise it keeps the fixed costs
+(KV for the reserved context, activations of one prefill chunk, small tensors, chunk
+buffers for the vocabulary-sized matrices), reserves at least two layer slots (one layer
+computing while the next is decoded), and fills what is left with resident units — decoder
+layers and the output head — taking first those that save the most bytes read per token
+for each byte they hold.
 """
 
 from __future__ import annotations
@@ -23,37 +25,63 @@ class BudgetTooSmallError(ValueError):
 
 
 @dataclass(frozen=True)
-class LayerCost:
-    """One decoder layer: bytes held when decoded, and bytes read from the cache to load it."""
+class Unit:
+    """Something that is either resident or streamed: a decoder layer (``layer.<i>``, streamed
+    through a slot) or the head (``head``, streamed in row chunks). Bytes held when resident,
+    and bytes read from the cache each time it is streamed."""
 
-    index: int
+    name: str
     resident_bytes: int
     stored_bytes: int
+    uses_slot: bool = True
 
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    """The planner's answer. Invariant: ``fixed + slots * slot + sum(resident) <= budget``."""
+    """The planner's answer. Invariant: ``planned_bytes <= budget_bytes``."""
 
     budget_bytes: int
-    fixed_bytes: int
+    fixed: dict[str, int]
     slot_bytes: int
     num_slots: int
-    resident_layers: tuple[int, ...]
-    streamed_layers: tuple[int, ...]
+    resident: tuple[str, ...]
+    streamed: tuple[str, ...]
     resident_bytes: int
-    bytes_read_per_pass: int  # cache bytes read for one forward pass over all layers
+    bytes_read_per_pass: int  # cache bytes read for one forward pass
+    context_tokens: int = 0
     details: dict[str, int] = field(default_factory=dict)
 
     @property
+    def fixed_bytes(self) -> int:
+        return sum(self.fixed.values())
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.streamed)
+
+    @property
     def planned_bytes(self) -> int:
-        return self.fixed_bytes + self.num_slots * self.slot_bytes * bool(self.streamed_layers) + self.resident_bytes
+        slots = self.num_slots * self.slot_bytes if any(n.startswith("layer.") for n in self.streamed) else 0
+        return self.fixed_bytes + slots + self.resident_bytes
+
+    def layer_indices(self, which: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(int(n.split(".", 1)[1]) for n in which if n.startswith("layer."))
+
+    @property
+    def resident_layers(self) -> tuple[int, ...]:
+        return self.layer_indices(self.resident)
+
+    @property
+    def streamed_layers(self) -> tuple[int, ...]:
+        return self.layer_indices(self.streamed)
 
     def describe(self) -> str:
+        fixed = ", ".join(f"{k} {format_size(v)}" for k, v in self.fixed.items())
         return (
-            f"budget {format_size(self.budget_bytes)}: fixed {format_size(self.fixed_bytes)}, "
-            f"{len(self.resident_layers)} resident layers ({format_size(self.resident_bytes)}), "
-            f"{len(self.streamed_layers)} streamed through {self.num_slots} slots of {format_size(self.slot_bytes)}; "
+            f"budget {format_size(self.budget_bytes)}: fixed {format_size(self.fixed_bytes)} ({fixed}); "
+            f"{len(self.resident)} resident units ({format_size(self.resident_bytes)}); "
+            f"{len(self.streamed)} streamed ({len(self.streamed_layers)} layers through {self.num_slots} slots of "
+            f"{format_size(self.slot_bytes)}); context {self.context_tokens} tokens; "
             f"{format_size(self.bytes_read_per_pass)} read per forward pass"
         )
 
@@ -68,54 +96,92 @@ class MemoryBudget:
     def __init__(self, budget: str | int) -> None:
         self.bytes = parse_size(budget)
 
-    def plan(self, layers: list[LayerCost], *, fixed: dict[str, int], num_slots: int = MIN_SLOTS) -> BudgetPlan:
-        """Choose resident and streamed layers.
+    def plan(
+        self,
+        units: list[Unit],
+        *,
+        fixed: dict[str, int],
+        streaming_fixed: dict[str, int] | None = None,
+        resident_extra: dict[str, int] | None = None,
+        num_slots: int = MIN_SLOTS,
+        context_tokens: int = 0,
+    ) -> BudgetPlan:
+        """Choose resident and streamed units.
 
         Args:
-            layers: every decoder layer's cost.
-            fixed: named costs always held (embeddings, head, activations, KV allowance).
-            num_slots: streaming slots when anything is streamed (at least 2).
+            units: every layer and the head, with their costs.
+            fixed: costs always held (KV, activations, small tensors).
+            streaming_fixed: costs held only when something is streamed (chunk buffers,
+                decode scratch); resident weights need none of it.
+            resident_extra: costs held only when everything is resident (an untied
+                embedding matrix, which is otherwise looked up from the cache by rows).
+            num_slots: layer slots when any layer is streamed (at least 2).
+            context_tokens: the KV reservation the fixed costs were computed for (reported).
 
         Raises:
             BudgetTooSmallError: naming the minimum budget and how to get under it.
         """
         if num_slots < MIN_SLOTS:
             raise ValueError(f"num_slots must be at least {MIN_SLOTS} (double buffering), got {num_slots}")
-        fixed_bytes = sum(fixed.values())
-        all_resident = fixed_bytes + sum(layer.resident_bytes for layer in layers)
+        extra = {k: v for k, v in (resident_extra or {}).items() if v}
+        all_fixed = {**fixed, **extra}
+        all_resident = sum(all_fixed.values()) + sum(u.resident_bytes for u in units)
         if all_resident <= self.bytes:
             return BudgetPlan(
-                self.bytes, fixed_bytes, 0, 0, tuple(layer.index for layer in layers), (), all_resident - fixed_bytes, 0, dict(fixed)
+                self.bytes, all_fixed, 0, 0, tuple(u.name for u in units), (),
+                all_resident - sum(all_fixed.values()), 0, context_tokens,
             )
-        slot = max(layer.resident_bytes for layer in layers)
-        minimum = fixed_bytes + num_slots * slot
+        fixed = {**fixed, **(streaming_fixed or {})}
+        slot = max((u.resident_bytes for u in units if u.uses_slot), default=0)
+        minimum = sum(fixed.values()) + num_slots * slot
         if minimum > self.bytes:
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in fixed.items())
             raise BudgetTooSmallError(
                 f"budget {format_size(self.bytes)} is below the {format_size(minimum)} needed for the fixed costs ({parts}) "
                 f"plus {num_slots} streaming slots of {format_size(slot)} (the largest layer); "
-                f"use --memory-budget {_round_up_mb(minimum)}MB or more, or a smaller quantization mode"
+                f"use --memory-budget {_round_up_mb(minimum)}MB or more, a shorter context, or a smaller quantization mode"
             )
         room = self.bytes - minimum
-        resident: list[LayerCost] = []
-        # most bytes saved per byte held first: layers whose records are large for their size
-        for layer in sorted(layers, key=lambda c: (-c.stored_bytes / max(c.resident_bytes, 1), c.index)):
-            if layer.resident_bytes <= room:
-                resident.append(layer)
-                room -= layer.resident_bytes
-        resident_idx = tuple(sorted(c.index for c in resident))
-        streamed = tuple(c.index for c in layers if c.index not in resident_idx)
+        resident: list[Unit] = []
+        # most bytes saved per token for each byte held first
+        for u in sorted(units, key=lambda u: (-u.stored_bytes / max(u.resident_bytes, 1), u.name)):
+            if u.resident_bytes <= room:
+                resident.append(u)
+                room -= u.resident_bytes
+        names = {u.name for u in resident}
         return BudgetPlan(
             budget_bytes=self.bytes,
-            fixed_bytes=fixed_bytes,
+            fixed=fixed,
             slot_bytes=slot,
             num_slots=num_slots,
-            resident_layers=resident_idx,
-            streamed_layers=streamed,
-            resident_bytes=sum(c.resident_bytes for c in resident),
-            bytes_read_per_pass=sum(c.stored_bytes for c in layers if c.index in streamed),
-            details=dict(fixed),
+            resident=tuple(u.name for u in units if u.name in names),
+            streamed=tuple(u.name for u in units if u.name not in names),
+            resident_bytes=sum(u.resident_bytes for u in resident),
+            bytes_read_per_pass=sum(u.stored_bytes for u in units if u.name not in names),
+            context_tokens=context_tokens,
         )
+
+
+def kv_bytes_per_token(config, element_size: int) -> int:
+    """KV cache bytes one token takes across all layers (keys and values)."""
+    heads = getattr(config, "num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element_size
+
+
+def activation_bytes(config, *, chunk_tokens: int, context_tokens: int, element_size: int) -> int:
+    """Peak activations of a forward pass over ``chunk_tokens`` new tokens attending to
+    ``context_tokens``: residual stream and its normed copy, q/k/v/o, the MLP's three
+    intermediate tensors, attention scores and probabilities, one row of logits; with a
+    factor of 2 for the temporaries torch's kernels make."""
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    heads = config.num_attention_heads
+    per_token = 8 * h + 4 * inter
+    scores = 2 * heads * chunk_tokens * context_tokens
+    logits = 2 * config.vocab_size
+    return 2 * (chunk_tokens * per_token + scores + logits) * element_size
 
 
 def _round_up_mb(n: int) -> int:

@@ -1,11 +1,16 @@
 """`StreamingModel`: transformers' own modules, with weights streamed from the cache.
 
 The model's skeleton is built from the manifest's config on the meta device, so it holds
-no weights. Embeddings and head are loaded once; the budget planner decides which decoder
-layers stay resident; every other layer gets a forward pre-hook that reads, verifies and
-decodes its records into the compute dtype just before it runs, and a forward hook that
-drops them again right after. Because transformers' own forward drives the layers, every
-architecture transformers runs (and the registry maps) runs here unchanged.
+no weights. The budget planner (:mod:`runtime.budget`) decides what stays resident. Every
+streamed decoder layer gets a forward pre-hook that decodes its records into one of two
+preallocated slots (or takes the slot a background thread already filled) and a forward
+hook that hands the slot back. Embeddings, when not resident, are looked up row chunk by
+row chunk; the output head, when not resident, is applied one row chunk at a time. Because
+transformers' own forward drives the layers, every architecture it runs (and the registry
+maps) runs here unchanged.
+
+Records are decoded straight from LMDB's memory map into the slot (no intermediate copy of
+uncompressed payloads), so a layer load allocates at most one tensor's temporaries.
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from cache.codecs import decode_tensor
-from cache.manifest import GroupEntry, Manifest
+from cache.manifest import GroupEntry, Manifest, TensorEntry
 from cache.store import LayerStore
 from runtime.arch import EMBED_GROUP, HEAD_GROUP, ArchSpec
-from runtime.budget import BudgetPlan, LayerCost, MemoryBudget
-from runtime.memory import release_free_memory
+from runtime.budget import BudgetPlan, MemoryBudget, Unit, activation_bytes, kv_bytes_per_token
+from runtime.memory import bound_allocator
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ACTIVATION_BYTES = 32 << 20  # allowance for activations of a short prompt; KV comes with the paged pool
+DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per forward pass during prefill
+MAX_AUTO_CONTEXT = 4096
+KV_SHARE = 0.25  # share of a tight budget the automatic context may take for KV
+MIN_CONTEXT = 128
+MIN_PREFILL_CHUNK = 16
 
 
 @dataclass
@@ -36,9 +46,10 @@ class StreamStats:
     """Counters since the last :meth:`StreamingModel.reset_stats`."""
 
     layers_loaded: int = 0
+    chunks_loaded: int = 0  # embedding and head row chunks
     bytes_read: int = 0  # record bytes read from the cache
     load_seconds: float = 0.0  # reading + verifying + decoding (on the prefetch thread when prefetching)
-    wait_seconds: float = 0.0  # time the forward pass stood waiting for a layer
+    wait_seconds: float = 0.0  # time the forward pass stood waiting for weights
     prefetch_hits: int = 0  # layers that were ready when needed
     prefetch_misses: int = 0
 
@@ -50,7 +61,7 @@ class StreamStats:
     @property
     def hidden_io_fraction(self) -> float:
         """Share of the load time that did not stall the forward pass."""
-        return 1.0 - self.wait_seconds / self.load_seconds if self.load_seconds else 0.0
+        return max(0.0, 1.0 - self.wait_seconds / self.load_seconds) if self.load_seconds else 0.0
 
 
 def config_from_manifest(manifest: Manifest):
@@ -62,23 +73,72 @@ def config_from_manifest(manifest: Manifest):
     return AutoConfig.for_model(model_type, **d)
 
 
-def _decoded_bytes(group: GroupEntry, dtype: torch.dtype) -> int:
-    size = torch.empty(0, dtype=dtype).element_size()
-    return sum(math.prod(t.shape) * size for t in group.tensors)
+def _nbytes(t: TensorEntry, dtype: torch.dtype) -> int:
+    return math.prod(t.shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _set_param(module: nn.Module, pname: str, t: torch.Tensor) -> None:
+    if pname in module._parameters:
+        module._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    elif pname in module._buffers:
+        module._buffers[pname] = t
+    else:
+        raise KeyError(f"{pname} from the cache has no place in {type(module).__name__}")
+
+
+class _Slot:
+    """Preallocated buffers for one streamed layer, one flat buffer per tensor role
+    (``self_attn.q_proj.weight`` ...), sized for the largest layer that uses it."""
+
+    def __init__(self, sizes: dict[str, int], dtype: torch.dtype) -> None:
+        self.buffers = {role: torch.empty(n, dtype=dtype) for role, n in sizes.items()}
+        self.owner: int | None = None
+
+    def view(self, role: str, shape: list[int]) -> torch.Tensor:
+        return self.buffers[role][: math.prod(shape)].view(shape)
+
+
+class _ChunkedHead(nn.Module):
+    """Stands in for the output projection when it is not resident: decodes the weight one
+    row chunk at a time (the next chunk on the prefetch thread) and fills the logits."""
+
+    def __init__(self, owner: "StreamingModel", entry: TensorEntry, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.owner, self.entry, self.bias = owner, entry, bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        e = self.entry
+        out = torch.empty(*hidden.shape[:-1], e.shape[0], dtype=hidden.dtype)
+        o = self.owner
+        n = e.num_chunks
+        pending = o._submit_chunk(e, 0, 0)
+        for k in range(n):
+            w, _ = o._await_chunk(e, k, pending)
+            pending = o._submit_chunk(e, k + 1, (k + 1) % 2) if k + 1 < n else None
+            r0 = k * (e.chunk_rows or e.shape[0])
+            out[..., r0 : r0 + w.shape[0]] = F.linear(hidden, w)
+        if self.bias is not None:
+            out += self.bias
+        return out
 
 
 class StreamingModel:
-    """A causal LM whose decoder layers are streamed from a :class:`LayerStore` within a budget.
+    """A causal LM whose weights stream from a :class:`LayerStore` within a memory budget.
 
     Args:
         store: an open cache.
         variant_id: a complete variant in it.
-        memory_budget: ``"512MB"``, ``"2GiB"`` or bytes; bounds the weights held plus
-            ``activation_bytes``.
+        memory_budget: ``"512MB"``, ``"2GiB"`` or bytes; bounds weights held, slots, chunk
+            buffers, the KV cache of ``context_tokens`` and the activations of a prefill chunk.
         dtype: compute dtype; every tensor is decoded to it.
-        activation_bytes: allowance for activations, counted in the budget.
-        prefetch: read and decode the next streamed layer on a background thread while the
-            current one computes (uses the second streaming slot).
+        context_tokens: tokens of KV to reserve (all sequences of a batch together). Default:
+            the model's context (at most 4096), shrunk to a quarter of the budget when the
+            weights do not all fit, and never under 128.
+        prefill_chunk: prompt tokens per forward pass during prefill (bounds activations).
+        prefetch: decode the next streamed layer (and head chunk) on a background thread
+            while the current one computes. Off by default: on the 2-core machine sli is
+            measured on, the decode thread competes with the compute thread for the cores
+            and decode speed drops (int4 at 64 MB: 4.98 tok/s without, 3.3-3.9 with).
 
     Raises:
         BudgetTooSmallError: the budget cannot hold the fixed costs plus two layer slots.
@@ -91,114 +151,279 @@ class StreamingModel:
         *,
         memory_budget: str | int,
         dtype: torch.dtype = torch.float32,
-        activation_bytes: int = DEFAULT_ACTIVATION_BYTES,
-        prefetch: bool = True,
+        context_tokens: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefetch: bool = False,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
+        bound_allocator()
         self.store = store
         self.variant_id = variant_id
         self.manifest = store.require_manifest(variant_id)
         self.config = config_from_manifest(self.manifest)
         self.arch = ArchSpec(**self.manifest.arch)
         self.dtype = dtype
-        # parameters on meta, buffers (rotary frequencies) real
-        with init_empty_weights(include_buffers=False):
+        self.prefill_chunk = prefill_chunk
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
         self.layers: nn.ModuleList = self.model.get_submodule(self.arch.layers)
-        self._groups = {g.name: g for g in self.manifest.groups}
-        self.tied = bool(getattr(self.config, "tie_word_embeddings", False)) and not any(
-            t.name == f"{self.arch.head}.weight" for t in self._groups[HEAD_GROUP].tensors
-        )
-        costs = [
-            LayerCost(i, _decoded_bytes(self._groups[f"layer.{i}"], dtype), self._groups[f"layer.{i}"].stored_bytes)
-            for i in range(len(self.layers))
-        ]
-        fixed = {
-            "embeddings": _decoded_bytes(self._groups[EMBED_GROUP], dtype),
-            "head": _decoded_bytes(self._groups[HEAD_GROUP], dtype),
-            "activations": activation_bytes,
-        }
-        self.plan: BudgetPlan = MemoryBudget(memory_budget).plan(costs, fixed=fixed)
-        logger.debug("%s", self.plan.describe())
+        self._groups: dict[str, GroupEntry] = {g.name: g for g in self.manifest.groups}
+        self._entries: dict[str, TensorEntry] = self.manifest.tensors()
+        embed_name, head_name = f"{self.arch.embed}.weight", f"{self.arch.head}.weight"
+        self.embed_entry = self._entries[embed_name]
+        self.tied = head_name not in self._entries
+        self.head_entry = self.embed_entry if self.tied else self._entries[head_name]
+        self.plan = self._plan(memory_budget, context_tokens)
+        self.context_tokens = self.plan.context_tokens
+        logger.info("%s", self.plan.describe())
         self.stats = StreamStats()
-        self._assign(self._read_group(EMBED_GROUP))
-        head = self._read_group(HEAD_GROUP)
-        if self.tied:
-            head[f"{self.arch.head}.weight"] = self.model.get_submodule(self.arch.embed).weight
-        self._assign(head)
-        for i in self.plan.resident_layers:
-            self._assign(self._read_group(f"layer.{i}"))
-        self._hooks = []
+        self._hooks: list = []
+        self._pending: dict[int, Future] = {}
         streamed = self.plan.streamed_layers
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch", initializer=torch.set_num_threads, initargs=(1,))
+            if prefetch and self.plan.streaming
+            else None
+        )
+        self._load_fixed()
         # the streamed layer after i, wrapping to the first for the next forward pass
         self._next = {i: streamed[(k + 1) % len(streamed)] for k, i in enumerate(streamed)}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch and streamed else None
-        self._pending: dict[int, Future] = {}
-        for i in self.plan.streamed_layers:
-            layer = self.layers[i]
-            self._hooks.append(layer.register_forward_pre_hook(self._make_loader(i)))
-            self._hooks.append(layer.register_forward_hook(self._make_releaser(i)))
+        self._slots = [_Slot(self._slot_sizes(streamed), dtype) for _ in range(self.plan.num_slots)] if streamed else []
+        for i in streamed:
+            self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_loader(i)))
+            self._hooks.append(self.layers[i].register_forward_hook(self._make_releaser(i)))
         self.reset_stats()
 
-    # -- weights in and out ----------------------------------------------------------------
-    def _decode_group(self, name: str) -> tuple[dict[str, torch.Tensor], float]:
-        """Read, verify and decode one group (thread-safe: each read has its own transaction)."""
+    # -- planning --------------------------------------------------------------------------
+    def _size(self, t: TensorEntry) -> int:
+        return _nbytes(t, self.dtype)
+
+    def _plan(self, memory_budget: str | int, context_tokens: int | None) -> BudgetPlan:
+        esize = torch.empty(0, dtype=self.dtype).element_size()
+        budget = MemoryBudget(memory_budget)
+        units = []
+        for i in range(len(self.layers)):
+            g = self._groups[f"layer.{i}"]
+            units.append(Unit(f"layer.{i}", sum(self._size(t) for t in g.tensors), g.stored_bytes))
+        units.append(Unit("head", self._size(self.head_entry), self.head_entry.stored_bytes, uses_slot=False))
+        small = sum(
+            self._size(t) for g in (EMBED_GROUP, HEAD_GROUP) for t in self._groups[g].tensors if t not in (self.embed_entry, self.head_entry)
+        )
+        # the embedding matrix is resident only when everything is (or as the tied head)
+        embed_resident = 0 if self.tied else self._size(self.embed_entry)
+        kv_tok = kv_bytes_per_token(self.config, esize)
+        model_ctx = min(getattr(self.config, "max_position_embeddings", MAX_AUTO_CONTEXT) or MAX_AUTO_CONTEXT, MAX_AUTO_CONTEXT)
+        weights = embed_resident + small + sum(u.resident_bytes for u in units)  # small: norms, biases
+
+        chunk_buf = 2 * max(self._chunk_bytes(self.embed_entry), self._chunk_bytes(self.head_entry))
+        scratch = max(self._size(t) for g in self.manifest.groups for t in g.tensors if g.name.startswith("layer."))
+        streaming_fixed = {"chunk buffers": chunk_buf, "decode scratch": scratch}
+        slot = max(u.resident_bytes for u in units if u.uses_slot)
+
+        def fixed_for(ctx: int, chunk: int) -> dict[str, int]:
+            return {
+                "kv cache": kv_tok * ctx,
+                "activations": activation_bytes(self.config, chunk_tokens=min(chunk, ctx), context_tokens=ctx, element_size=esize),
+                "small tensors": small,
+            }
+
+        if context_tokens is None:
+            ctx = model_ctx
+            if sum(fixed_for(ctx, self.prefill_chunk).values()) + weights > budget.bytes:
+                ctx = max(MIN_CONTEXT, min(model_ctx, int(KV_SHARE * budget.bytes) // max(kv_tok, 1)))
+        else:
+            ctx = int(context_tokens)
+            if ctx <= 0:
+                raise ValueError(f"context_tokens must be positive, got {context_tokens}")
+        # a tight budget prefills in smaller chunks (more passes over the layers, smaller activations)
+        while self.prefill_chunk > MIN_PREFILL_CHUNK and (
+            sum(fixed_for(ctx, self.prefill_chunk).values()) + sum(streaming_fixed.values()) + 2 * slot > budget.bytes
+        ) and sum(fixed_for(ctx, self.prefill_chunk).values()) + weights > budget.bytes:
+            self.prefill_chunk //= 2
+        fixed = fixed_for(ctx, self.prefill_chunk)
+        # what this model needs at this context: everything resident, and the least that streams
+        self.full_bytes = sum(fixed.values()) + weights
+        self.minimum_bytes = sum(fixed.values()) + sum(streaming_fixed.values()) + 2 * slot
+        return budget.plan(
+            units, fixed=fixed, streaming_fixed=streaming_fixed, resident_extra={"embeddings": embed_resident}, context_tokens=ctx
+        )
+
+    def _chunk_bytes(self, e: TensorEntry) -> int:
+        rows = e.chunk_rows or e.shape[0]
+        return rows * math.prod(e.shape[1:]) * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _slot_sizes(self, layers: tuple[int, ...]) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for i in layers:
+            prefix = f"{self.arch.layers}.{i}."
+            for t in self._groups[f"layer.{i}"].tensors:
+                role = t.name.removeprefix(prefix)
+                sizes[role] = max(sizes.get(role, 0), math.prod(t.shape))
+        return sizes
+
+    # -- fixed weights -----------------------------------------------------------------------
+    def _load_fixed(self) -> None:
+        """Small tensors always; embeddings, head and layers the plan keeps resident."""
+        resident = set(self.plan.resident)
+        embed_resident = not self.plan.streaming or (self.tied and "head" in resident)
+        for gname in (EMBED_GROUP, HEAD_GROUP):
+            for t in self._groups[gname].tensors:
+                if t is self.embed_entry and not embed_resident:
+                    continue
+                if t is self.head_entry and not self.tied and "head" not in resident:
+                    continue
+                self._assign({t.name: self._read_whole(t)})
+        if embed_resident and self.tied:
+            self._assign({f"{self.arch.head}.weight": self.model.get_submodule(self.arch.embed).weight})
+        for i in self.plan.resident_layers:
+            self._assign({t.name: self._read_whole(t) for t in self._groups[f"layer.{i}"].tensors})
+        self._chunk_bufs: list[torch.Tensor] = []
+        if not embed_resident or "head" not in resident:
+            self._chunk_buffers()  # now, not inside a forward: inference-mode tensors could not be refilled by the prefetch thread
+        if not embed_resident:
+            self._stream_embeddings()
+        if "head" not in resident:
+            self._stream_head()
+
+    def _read_whole(self, t: TensorEntry) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = {t.name: decode_tensor(self.store.get_record(self.variant_id, t.name), self.dtype) for t in self._groups[name].tensors}
-        return out, time.perf_counter() - t0
-
-    def _account(self, name: str, seconds: float) -> None:
-        self.stats.layers_loaded += 1
-        self.stats.bytes_read += self._groups[name].stored_bytes
-        self.stats.load_seconds += seconds
-
-    def _read_group(self, name: str) -> dict[str, torch.Tensor]:
-        out, seconds = self._decode_group(name)
-        self._account(name, seconds)
+        out = self.store.read_tensor(self.variant_id, t, self.dtype)
+        self._account(t.stored_bytes, time.perf_counter() - t0)
         return out
 
+    def _chunk_buffers(self) -> list[torch.Tensor]:
+        if not self._chunk_bufs:
+            n = max(self._chunk_bytes(self.embed_entry), self._chunk_bytes(self.head_entry)) // torch.empty(0, dtype=self.dtype).element_size()
+            self._chunk_bufs = [torch.empty(n, dtype=self.dtype) for _ in range(2)]
+        return self._chunk_bufs
+
+    def _decode_chunk(self, e: TensorEntry, k: int, buf: int) -> tuple[torch.Tensor, int, float]:
+        """Decode row chunk ``k`` of ``e`` into chunk buffer ``buf``; (rows, stored bytes, seconds)."""
+        t0 = time.perf_counter()
+        rows_per = e.chunk_rows or e.shape[0]
+        rows = min(rows_per, e.shape[0] - k * rows_per)
+        shape = [rows, *e.shape[1:]]
+        out = self._chunk_buffers()[buf][: math.prod(shape)].view(shape)
+        name = e.record_names()[k]
+        with self.store.reader() as r:
+            enc = r.get(self.variant_id, name)
+            decode_tensor(enc, out=out)
+        stored = e.stored_bytes // e.num_chunks  # records of a tensor's chunks are near equal
+        return out, stored, time.perf_counter() - t0
+
+    def _submit_chunk(self, e: TensorEntry, k: int, buf: int) -> Future | tuple:
+        if self._pool is None:
+            return self._decode_chunk(e, k, buf)
+        return self._pool.submit(self._decode_chunk, e, k, buf)
+
+    def _await_chunk(self, e: TensorEntry, k: int, pending) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        out, stored, seconds = pending.result() if isinstance(pending, Future) else pending
+        self.stats.wait_seconds += time.perf_counter() - t0 if isinstance(pending, Future) else seconds
+        self.stats.chunks_loaded += 1
+        self._account(stored, seconds)
+        return out, seconds
+
+    def _stream_embeddings(self) -> None:
+        """Look token embeddings up chunk by chunk: before the embedding module runs, its
+        weight becomes just the rows the batch uses and the ids are remapped onto them, so
+        the module's own forward (scaling included) runs unchanged."""
+        module = self.model.get_submodule(self.arch.embed)
+        if hasattr(module, "padding_idx"):
+            module.padding_idx = None  # only matters for training; it would index past the gathered rows
+        e = self.embed_entry
+        rows_per = e.chunk_rows or e.shape[0]
+
+        def pre(mod: nn.Module, args):
+            ids = args[0]
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            rows = torch.empty(len(uniq), *e.shape[1:], dtype=self.dtype)
+            for k in torch.unique(uniq // rows_per).tolist():
+                chunk, _ = self._await_chunk(e, k, self._decode_chunk(e, k, 0))
+                sel = (uniq // rows_per) == k
+                rows[sel] = chunk[uniq[sel] - k * rows_per]
+            mod._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+            return (inverse.view(ids.shape), *args[1:])
+
+        def post(mod: nn.Module, args, output):
+            mod._parameters["weight"] = nn.Parameter(torch.empty(e.shape, dtype=self.dtype, device="meta"), requires_grad=False)
+
+        self._hooks.append(module.register_forward_pre_hook(pre))
+        self._hooks.append(module.register_forward_hook(post))
+
+    def _stream_head(self) -> None:
+        parent_name, _, attr = self.arch.head.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        old = getattr(parent, attr)
+        bias = old.bias if isinstance(old, nn.Linear) and old.bias is not None and old.bias.device.type != "meta" else None
+        setattr(parent, attr, _ChunkedHead(self, self.head_entry, bias))
+
+    # -- streamed layers -------------------------------------------------------------------
+    def _account(self, stored: int, seconds: float) -> None:
+        self.stats.bytes_read += stored
+        self.stats.load_seconds += seconds
+
+    def _decode_layer(self, i: int, slot: _Slot) -> tuple[dict[str, torch.Tensor], float]:
+        """Decode layer i into ``slot`` (thread-safe: each read has its own transaction)."""
+        t0 = time.perf_counter()
+        prefix = f"{self.arch.layers}.{i}."
+        out = {}
+        with self.store.reader() as r:
+            for t in self._groups[f"layer.{i}"].tensors:
+                dst = slot.view(t.name.removeprefix(prefix), t.shape)
+                decode_tensor(r.get(self.variant_id, t.name), out=dst)
+                out[t.name] = dst
+        return out, time.perf_counter() - t0
+
+    def _free_slot(self) -> _Slot:
+        for s in self._slots:
+            if s.owner is None:
+                return s
+        raise RuntimeError("no free streaming slot; a layer ran without its release hook")
+
     def _fetch_layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's tensors: from the prefetch thread when it was asked for, else read now."""
-        name = f"layer.{i}"
+        """Layer i's tensors: from the prefetch thread when it was asked for, else decoded now."""
         fut = self._pending.pop(i, None)
         t0 = time.perf_counter()
         if fut is None:
             self.stats.prefetch_misses += 1
-            out, seconds = self._decode_group(name)
+            slot = self._free_slot()
+            slot.owner = i
+            out, seconds = self._decode_layer(i, slot)
         else:
-            if fut.done():
-                self.stats.prefetch_hits += 1
-            else:
-                self.stats.prefetch_misses += 1
+            self.stats.prefetch_hits += fut.done()
+            self.stats.prefetch_misses += not fut.done()
             out, seconds = fut.result()
         self.stats.wait_seconds += time.perf_counter() - t0
-        self._account(name, seconds)
+        self.stats.layers_loaded += 1
+        self._account(self._groups[f"layer.{i}"].stored_bytes, seconds)
         if self._pool is not None:
             nxt = self._next[i]
             if nxt != i and nxt not in self._pending:
-                self._pending[nxt] = self._pool.submit(self._decode_group, f"layer.{nxt}")
+                slot = self._free_slot()
+                slot.owner = nxt
+                self._pending[nxt] = self._pool.submit(self._decode_layer, nxt, slot)
         return out
 
     def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
             module_name, pname = name.rsplit(".", 1)
-            module = self.model.get_submodule(module_name)
-            if pname in module._parameters:
-                module._parameters[pname] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
-            elif pname in module._buffers:
-                module._buffers[pname] = t
-            else:
-                raise KeyError(f"{name} from the cache has no place in the {type(self.model).__name__} skeleton")
+            try:
+                _set_param(self.model.get_submodule(module_name), pname, t)
+            except (KeyError, AttributeError) as e:
+                raise KeyError(f"{name} from the cache has no place in the {type(self.model).__name__} skeleton") from e
 
     def _release(self, i: int) -> None:
         for module in self.layers[i].modules():
             for pname, p in module._parameters.items():
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
-        release_free_memory()
+        for s in self._slots:
+            if s.owner == i:
+                s.owner = None
 
     def _make_loader(self, i: int):
         def hook(module: nn.Module, args) -> None:
@@ -212,25 +437,40 @@ class StreamingModel:
 
         return hook
 
+    def _abandon_pass(self) -> None:
+        """After a forward pass that did not finish: wait for the prefetch, free every slot."""
+        for fut in self._pending.values():
+            fut.cancel()
+            if not fut.cancelled():
+                fut.exception()  # wait; the thread must not be writing into a slot we reuse
+        self._pending.clear()
+        for i in self.plan.streamed_layers:
+            self._release(i)
+
     # -- running ---------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.stats = StreamStats()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        """transformers' forward with streamed layers (same arguments and outputs)."""
-        return self.model(input_ids=input_ids, **kwargs)
+        """transformers' forward with streamed weights (same arguments and outputs)."""
+        try:
+            return self.model(input_ids=input_ids, **kwargs)
+        except BaseException:
+            self._abandon_pass()
+            raise
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Float logits ``[batch, seq, vocab]`` for validation."""
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = self.forward(input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits.float()
 
     def close(self) -> None:
         if self._pool is not None:
+            self._abandon_pass()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._pending.clear()

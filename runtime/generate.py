@@ -8,7 +8,7 @@ top-k, top-p); greedy decoding is the default.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,27 +43,38 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Step:
-    """One generated token."""
+    """One generated token per sequence of the batch (``token_ids[b]``)."""
 
-    token_id: int
+    token_ids: tuple[int, ...]
     index: int  # 0 for the first new token
+
+    @property
+    def token_id(self) -> int:
+        return self.token_ids[0]
 
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
+    prompt_tokens: int = 0  # summed over the batch
+    new_tokens: int = 0  # summed over the batch
     time_to_first_token_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    bytes_read_per_token: float = 0.0  # cache bytes read per decoded token
+    decode_tokens_per_s: float = 0.0  # new tokens per second after the first, summed over the batch
+    bytes_read_per_token: float = 0.0  # cache bytes read per decode step
+    prefetch_hit_rate: float = 0.0
+    hidden_io_fraction: float = 0.0
     peak_rss_bytes: int = 0
-    stop_reason: str = ""
+    stop_reason: str = ""  # of the first sequence: "stop" (token or string) or "length"
+    stop_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
 class GenerationOutput:
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the first (or only) sequence
+    batch_token_ids: list[list[int]] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
@@ -99,78 +110,153 @@ class _Chooser:
         return torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)
 
 
-def prefill(model: StreamingModel, input_ids: torch.Tensor):
-    """Run the prompt ``[1, seq]`` through the model; return (last logits ``[1, vocab]``, KV cache)."""
+def prefill(model: StreamingModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None):
+    """Run the prompt ``[batch, seq]`` (left-padded when ``attention_mask`` is given) through
+    the model in chunks of ``model.prefill_chunk`` tokens; return (last logits ``[batch, vocab]``,
+    KV cache)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    out = model.forward(input_ids, past_key_values=cache, use_cache=True)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    n = input_ids.shape[1]
+    past = cache.get_seq_length()
+    chunk = max(1, model.prefill_chunk // input_ids.shape[0])
+    logits = None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, : past + e]
+            kwargs["position_ids"] = _positions(attention_mask[:, : past + e])[:, past + s :]
+        out = model.forward(input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        logits, cache = out.logits[:, -1, :], out.past_key_values
+    return logits, cache
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def decode_step(model: StreamingModel, token: torch.Tensor, cache, attention_mask: torch.Tensor | None = None):
+    """Feed one token per sequence ``[batch, 1]``; return (logits ``[batch, vocab]``, cache).
+    ``attention_mask`` covers the cache plus this token."""
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+        kwargs["position_ids"] = _positions(attention_mask)[:, -1:]
+    out = model.forward(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1, :], out.past_key_values
 
 
-def decode_step(model: StreamingModel, token: torch.Tensor, cache):
-    """Feed one token ``[1, 1]``; return (logits ``[1, vocab]``, cache)."""
-    out = model.forward(token, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1, :], out.past_key_values
-
-
-def stream(model: StreamingModel, input_ids: torch.Tensor, cfg: SamplingConfig, out: GenerationOutput) -> Iterator[Step]:
-    """Yield new tokens one by one; fills ``out`` (tokens and stats) as it goes.
+def check_context(model: StreamingModel, batch: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a request longer than the model's context or than the KV the budget reserved.
 
     Raises:
-        ValueError: the prompt is empty or longer than the model's context.
+        ValueError: with the numbers and the fix.
+    """
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty")
+    need = prompt_tokens + max_new_tokens
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and need > ctx:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of {ctx}; "
+            "shorten the prompt or ask for fewer tokens"
+        )
+    if batch * need > model.context_tokens:
+        from runtime.budget import kv_bytes_per_token
+        from runtime.memory import format_size
+
+        per = kv_bytes_per_token(model.config, torch.empty(0, dtype=model.dtype).element_size())
+        raise ValueError(
+            f"{batch} x ({prompt_tokens} prompt + {max_new_tokens} new) tokens need KV for {batch * need} tokens "
+            f"({format_size(batch * need * per)}), but the budget of {format_size(model.plan.budget_bytes)} reserves "
+            f"{model.context_tokens} tokens; raise --memory-budget by about {format_size((batch * need - model.context_tokens) * per)}, "
+            "pass a larger context_tokens, or shorten the request"
+        )
+
+
+StopFn = Callable[[int, list[int]], bool]
+
+
+def stream(
+    model: StreamingModel,
+    input_ids: torch.Tensor,
+    cfg: SamplingConfig,
+    out: GenerationOutput,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    should_stop: StopFn | None = None,
+) -> Iterator[Step]:
+    """Yield new tokens step by step for a batch ``[batch, seq]`` (left-padded with
+    ``attention_mask``); fills ``out`` (tokens and stats) as it goes. A sequence finishes at a
+    stop token or when ``should_stop(row, its new tokens)`` says so; the loop ends when all have.
+
+    Raises:
+        ValueError: empty prompt, or longer than the context or the budget's KV reservation.
     """
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
-    n = input_ids.shape[1]
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if n == 0:
-        raise ValueError("the prompt is empty")
-    if ctx is not None and n + cfg.max_new_tokens > ctx:
-        raise ValueError(
-            f"prompt of {n} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the model's context of {ctx}; "
-            "shorten the prompt or ask for fewer tokens"
-        )
+    batch, n = input_ids.shape
+    check_context(model, batch, n, cfg.max_new_tokens)
     choose = _Chooser(cfg)
     stats = out.stats
-    stats.prompt_tokens = n
+    stats.prompt_tokens = int(attention_mask.sum()) if attention_mask is not None else batch * n
+    out.batch_token_ids = [[] for _ in range(batch)]
+    out.token_ids = out.batch_token_ids[0]
+    reasons = [""] * batch
     seen = input_ids
-    with PeakMemorySampler() as mem:
+    mem = PeakMemorySampler().__enter__()
+    t0 = t1 = time.perf_counter()
+    prefill_bytes = 0
+    steps = 0
+    try:
         model.reset_stats()
-        t0 = time.perf_counter()
         if cfg.max_new_tokens == 0:
-            stats.stop_reason = "length"
+            reasons = ["length"] * batch
             return
-        logits, cache = prefill(model, input_ids)
+        logits, cache = prefill(model, input_ids, attention_mask)
         tok = choose(seen, logits)
         t1 = time.perf_counter()
         stats.time_to_first_token_s = t1 - t0
-        stats.prefill_tokens_per_s = n / (t1 - t0)
+        stats.prefill_tokens_per_s = stats.prompt_tokens / (t1 - t0)
         prefill_bytes = model.stats.bytes_read
         for i in range(cfg.max_new_tokens):
-            tid = int(tok[0])
-            out.token_ids.append(tid)
-            stats.new_tokens = i + 1
-            yield Step(tid, i)
-            if tid in cfg.stop_token_ids:
-                stats.stop_reason = "stop"
-                break
-            if i + 1 == cfg.max_new_tokens:
-                stats.stop_reason = "length"
+            ids = tok.tolist()
+            for b, tid in enumerate(ids):
+                if reasons[b]:
+                    continue
+                out.batch_token_ids[b].append(tid)
+                stats.new_tokens += 1
+                if tid in cfg.stop_token_ids or (should_stop is not None and should_stop(b, out.batch_token_ids[b])):
+                    reasons[b] = "stop"
+                elif i + 1 == cfg.max_new_tokens:
+                    reasons[b] = "length"
+            yield Step(tuple(ids), i)
+            if all(reasons):
                 break
             seen = torch.cat([seen, tok[:, None]], dim=1)
-            logits, cache = decode_step(model, tok[:, None], cache)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            logits, cache = decode_step(model, tok[:, None], cache, attention_mask)
+            steps += 1
             tok = choose(seen, logits)
+    finally:
         t2 = time.perf_counter()
-        decoded = max(stats.new_tokens - 1, 0)
-        stats.decode_tokens_per_s = decoded / (t2 - t1) if decoded else 0.0
-        stats.bytes_read_per_token = (model.stats.bytes_read - prefill_bytes) / decoded if decoded else 0.0
-    stats.peak_rss_bytes = mem.peak_bytes
+        mem.__exit__(None, None, None)
+        reasons = [r or "interrupted" for r in reasons]
+        stats.stop_reasons = reasons
+        stats.stop_reason = reasons[0]
+        decoded = stats.new_tokens - batch
+        stats.decode_tokens_per_s = decoded / (t2 - t1) if decoded > 0 and steps else 0.0
+        stats.bytes_read_per_token = (model.stats.bytes_read - prefill_bytes) / steps if steps else 0.0
+        stats.prefetch_hit_rate = model.stats.prefetch_hit_rate
+        stats.hidden_io_fraction = model.stats.hidden_io_fraction
+        stats.peak_rss_bytes = mem.peak_bytes
 
 
-def generate(model: StreamingModel, input_ids: torch.Tensor, cfg: SamplingConfig) -> GenerationOutput:
-    """Blocking wrapper over :func:`stream`."""
+def generate(model: StreamingModel, input_ids: torch.Tensor, cfg: SamplingConfig, **kwargs) -> GenerationOutput:
+    """Blocking wrapper over :func:`stream` (same keyword arguments)."""
     out = GenerationOutput()
-    for _ in stream(model, input_ids, cfg, out):
+    for _ in stream(model, input_ids, cfg, out, **kwargs):
         pass
     return out

@@ -133,3 +133,24 @@ def release_free_memory() -> bool:
 
 
 _MALLOC_TRIM = None
+
+
+def bound_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
+    """Make glibc return large freed blocks to the OS at once and cap its thread arenas.
+
+    glibc raises its mmap threshold after each large free (up to 32 MB), after which
+    layer-sized temporaries are carved from the heap and linger there; each extra thread
+    also gets an arena of its own. Fixing the threshold and the arena count keeps the
+    process's anonymous memory close to what the runtime actually holds. Returns False
+    where ``mallopt`` is unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold, m_arena_max = -3, -8
+    return bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and bool(mallopt(m_arena_max, int(arenas)))

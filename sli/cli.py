@@ -81,7 +81,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from sli.processor import UniversalSLIProcessor
 
     proc = UniversalSLIProcessor(
-        a.model, quantization_config=_plan_from_args(a), cache_dir=a.cache, memory_budget=a.memory_budget, dtype=a.dtype
+        a.model,
+        quantization_config=_plan_from_args(a),
+        cache_dir=a.cache,
+        memory_budget=a.memory_budget,
+        dtype=a.dtype,
+        prefetch=a.prefetch,
     )
     proc.model  # load (and quantize if needed) before echoing the prompt
     out = GenerationOutput()
@@ -94,6 +99,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         top_p=a.top_p,
         repetition_penalty=a.repetition_penalty,
         seed=a.seed,
+        stop=a.stop,
         out=out,
     )
     print(a.prompt, end="", flush=True)
@@ -109,6 +115,33 @@ def cmd_generate(a: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     proc.close()
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from sli.bench import BenchConfig, run_bench, write_outputs
+    from sli.fetch import resolve_model, sli_home
+
+    cfg = BenchConfig(
+        model=str(resolve_model(a.model)),
+        cache_dir=a.cache or str(sli_home() / "cache"),
+        out_dir=a.out,
+        new_tokens=a.new_tokens,
+        modes=tuple(a.modes.split(",")),
+        peers=tuple(x for x in a.peers.split(",") if x),
+    )
+    if a.prompt:
+        cfg.prompt = a.prompt
+
+    def show(p) -> None:
+        r = p.result
+        msg = p.error or f"{r['decode_tok_s']:.2f} tok/s, TTFT {r['ttft_s']:.2f}s, peak {r['peak_rss_bytes'] / 1e6:.0f} MB"
+        print(f"{p.system:>12} {p.mode:>5} {p.label:>28}: {msg}", file=sys.stderr, flush=True)
+
+    points = run_bench(cfg, progress=show)
+    paths = write_outputs(points, cfg)
+    print(open(paths["markdown"]).read())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()), file=sys.stderr)
     return 0
 
 
@@ -171,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fetch)
     _add_quantize(sub)
     sub.choices["quantize"].set_defaults(func=cmd_quantize)
+    b = sub.add_parser("bench", help="sli against transformers, accelerate offload and AirLLM at several budgets")
+    b.add_argument("model", help="model folder or the fetched test model's name")
+    b.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
+    b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--modes", default="none,int8,nf4,int4")
+    b.add_argument("--peers", default="transformers,transformers-bf16,accelerate,airllm")
+    b.add_argument("--prompt", default=None)
+    b.set_defaults(func=cmd_bench)
+
     g = sub.add_parser("generate", help="stream an answer under a memory budget (quantizes first if needed)")
     g.add_argument("model", help="model folder, .gguf, SmolLM2-135M-Instruct, or a cache directory")
     g.add_argument("--prompt", required=True, help="prompt text, used as given (no chat template)")
@@ -182,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop after this string (repeatable)")
+    g.add_argument("--prefetch", action="store_true", help="decode the next layer on a background thread")
     for action in sub.choices["quantize"]._actions:
         if action.dest in ("mode", "cache", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant"):
             g._add_action(action)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ import torch
 from cache.store import LayerStore
 from runtime.executor import StreamingModel
 from runtime.generate import GenerationOutput, GenerationStats, SamplingConfig
+from runtime.generate import generate as generate_tokens
 from runtime.generate import stream as stream_tokens
 from runtime.tokenizer import load_tokenizer
 from sli.config import AdaptiveQuantizer, QuantizationConfig, default_registry
@@ -31,6 +32,8 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     stats: GenerationStats
+    texts: list[str] = field(default_factory=list)  # one per prompt when a list was given
+    batch_token_ids: list[list[int]] = field(default_factory=list)
 
 
 class UniversalSLIProcessor:
@@ -47,6 +50,10 @@ class UniversalSLIProcessor:
         progress: show a progress bar.
         memory_budget: for inference: ``"512MB"``, ``"2GiB"`` or bytes (default: hold everything).
         dtype: compute dtype for inference (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        device: ``"cpu"``. (``"cuda"`` is refused with a clear error: the CUDA path is not built yet.)
+        context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
+        prefetch: decode the next streamed layer on a background thread (see
+            :class:`~runtime.executor.StreamingModel`).
 
     Raises:
         ModelSourceError: the model is missing or malformed.
@@ -64,6 +71,9 @@ class UniversalSLIProcessor:
         progress: bool = True,
         memory_budget: str | int | None = None,
         dtype: str = "float32",
+        device: str = "cpu",
+        context_tokens: int | None = None,
+        prefetch: bool = False,
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
@@ -84,6 +94,13 @@ class UniversalSLIProcessor:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
+        if device != "cpu":
+            raise NotImplementedError(
+                f"device={device!r}: sli streams on the CPU only in this version; the CUDA path (pinned buffers, "
+                "bitsandbytes GPU kernels) is not built yet. Use device='cpu'."
+            )
+        self.context_tokens = context_tokens
+        self.prefetch = prefetch
         self._source: ModelSource | None = None
         self._store: LayerStore | None = None
         self._model: StreamingModel | None = None
@@ -138,7 +155,9 @@ class UniversalSLIProcessor:
             vid = self.variant_id if self.cache_only else self.quantize().variant_id
             self._store = LayerStore(self.cache_dir, readonly=True)
             budget = self.memory_budget if self.memory_budget is not None else 1 << 50
-            self._model = StreamingModel(self._store, vid, memory_budget=budget, dtype=self.dtype)
+            self._model = StreamingModel(
+                self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens
+            )
         return self._model
 
     @property
@@ -152,6 +171,27 @@ class UniversalSLIProcessor:
         """Float logits ``[batch, seq, vocab]`` of the streamed model."""
         return self.model.logits(input_ids)
 
+    def _sampling(self, max_new_tokens: int, ignore_eos: bool = False, **kwargs) -> SamplingConfig:
+        eos = self.tokenizer.eos_token_id
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=() if ignore_eos else tuple([eos] if isinstance(eos, int) else (eos or [])),
+            **kwargs,
+        )
+
+    def _stop_checker(self, stop: list[str] | None):
+        if not stop:
+            return None
+        tok = self.tokenizer
+        longest = max(len(s) for s in stop)
+
+        def should_stop(row: int, ids: list[int]) -> bool:
+            # only the tail can hold a stop string that just appeared
+            tail = tok.decode(ids[-(longest + 8) :], skip_special_tokens=True)
+            return any(s in tail for s in stop)
+
+        return should_stop
+
     def stream(
         self,
         prompt: str,
@@ -163,36 +203,55 @@ class UniversalSLIProcessor:
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
         out: GenerationOutput | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` (tokenized as ``tokenizer(prompt)``, no chat
-        template) piece by piece as text. Stops at the tokenizer's end-of-sequence token."""
+        template) piece by piece as text. Stops at the end-of-sequence token (unless
+        ``ignore_eos``, for benchmarks) or after a stop string (not part of the text)."""
         tok = self.tokenizer
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        eos = tok.eos_token_id
-        cfg = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop_token_ids=tuple([eos] if isinstance(eos, int) else (eos or [])),
+        cfg = self._sampling(
+            max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos,
         )
         out = out if out is not None else GenerationOutput()
         emitted = ""
-        for _ in stream_tokens(self.model, ids, cfg, out):
-            text = tok.decode(out.token_ids, skip_special_tokens=True)
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):  # hold back a split multi-byte char
-                yield text[len(emitted) :]
-                emitted = text
+        hold = max((len(s) for s in stop), default=0) if stop else 0
+        for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop)):
+            text = _cut_at_stop(tok.decode(out.token_ids, skip_special_tokens=True), stop)
+            # hold back a split multi-byte char, and what could be the start of a stop string
+            ready = len(text) - hold if out.stats.stop_reason == "" and hold else len(text)
+            if ready > len(emitted) and not text[:ready].endswith("\ufffd"):
+                yield text[len(emitted) : ready]
+                emitted = text[:ready]
+        text = _cut_at_stop(tok.decode(out.token_ids, skip_special_tokens=True), stop)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
 
-    def generate(self, prompt: str, **kwargs) -> GenerationResult:
-        """Blocking wrapper over :meth:`stream`; same options. Returns text, token ids and stats."""
-        out = GenerationOutput()
-        text = "".join(self.stream(prompt, out=out, **kwargs))
-        return GenerationResult(text=text, token_ids=out.token_ids, stats=out.stats)
+    def generate(self, prompt: str | list[str], *, stop: list[str] | None = None, **kwargs) -> GenerationResult:
+        """Generate from one prompt or a list of prompts (one batch sharing every layer load).
+
+        Options are those of :meth:`stream`. Returns text (``.texts`` for a list), token ids
+        and stats.
+        """
+        if isinstance(prompt, str):
+            out = GenerationOutput()
+            text = "".join(self.stream(prompt, out=out, stop=stop, **kwargs))
+            return GenerationResult(text=text, token_ids=out.token_ids, stats=out.stats, texts=[text])
+        if not prompt:
+            raise ValueError("the list of prompts is empty")
+        tok = self.tokenizer
+        encoded = [tok(p)["input_ids"] for p in prompt]
+        width = max(len(e) for e in encoded)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (self._sampling(0).stop_token_ids or (0,))[0]
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        cfg = self._sampling(kwargs.pop("max_new_tokens", 64), **kwargs)
+        out = generate_tokens(self.model, ids, cfg, attention_mask=mask, should_stop=self._stop_checker(stop))
+        texts = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), stop) for t in out.batch_token_ids]
+        return GenerationResult(text=texts[0], token_ids=out.token_ids, stats=out.stats, texts=texts, batch_token_ids=out.batch_token_ids)
 
     def close(self) -> None:
         if self._model is not None:
@@ -204,3 +263,11 @@ class UniversalSLIProcessor:
         if self._source is not None:
             self._source.close()
             self._source = None
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """``text`` up to the first stop string, if any appears."""
+    if not stop:
+        return text
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]

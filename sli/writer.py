@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 from cache.codecs import CodecName
 from cache.errors import MapResized
-from cache.manifest import GroupEntry, Manifest, TensorEntry
+from cache.manifest import GroupEntry, Manifest, TensorEntry, chunk_record_name
 from cache.record import encode_record
 from cache.store import LayerStore
-from runtime.arch import get_arch
+from runtime.arch import EMBED_GROUP, HEAD_GROUP, get_arch
 from runtime.memory import PeakMemorySampler, release_free_memory
 from sli.config import AdaptiveQuantizer, QuantizationConfig
 from sli.quantizer import LayerQuantizer
@@ -162,6 +162,20 @@ def _group_tensors(source: ModelSource) -> tuple[list[str], dict[str, list[str]]
     return order, groups
 
 
+# Vocabulary-sized tensors (embeddings, output head) are stored in row chunks of about this
+# many bytes once decoded to float32, so the runtime can look embeddings up and apply the
+# head chunk by chunk without ever holding the whole matrix.
+CHUNK_DECODED_BYTES = 4 << 20
+
+
+def _chunk_rows(group: str, tensor) -> int:
+    """Rows per record for a tensor of ``group``; 0 keeps it in one record."""
+    if group not in (EMBED_GROUP, HEAD_GROUP) or tensor.ndim != 2:
+        return 0
+    rows = max(64, CHUNK_DECODED_BYTES // (4 * tensor.shape[1]) // 64 * 64)
+    return rows if tensor.shape[0] > rows else 0
+
+
 def _write_group(
     source: ModelSource,
     quantizer: LayerQuantizer,
@@ -180,18 +194,38 @@ def _write_group(
     with store.write_group(vid, gname, expected_bytes=expected) as w:
         for name in names:
             tensor = source.read(name)
-            enc, stats = quantizer.quantize_tensor(name, tensor)
-            if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
-                raise MemoryValidationError(
-                    f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
-                    f"{stats.original_bytes}; choose another mode or skip the module"
-                )
-            shape, dtype, codec = list(tensor.shape), str(tensor.dtype).removeprefix("torch."), enc.codec
-            del tensor
-            rec, info = encode_record(enc, compress_level=compress_level)
-            del enc
-            w.put(name, rec)
-            del rec
+            rows = _chunk_rows(gname, tensor)
+            pieces = [(name, tensor)] if not rows else [
+                (chunk_record_name(name, k), tensor[r : r + rows]) for k, r in enumerate(range(0, tensor.shape[0], rows))
+            ]
+            shape, dtype = list(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+            original = encoded = raw_len = stored_len = 0
+            sq_err = sq_ref = max_abs = 0.0
+            compressed = False
+            for rname, piece in pieces:
+                enc, stats = quantizer.quantize_tensor(name, piece)
+                if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
+                    raise MemoryValidationError(
+                        f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
+                        f"{stats.original_bytes}; choose another mode or skip the module"
+                    )
+                codec = enc.codec
+                if len(pieces) == 1:
+                    sq_err, sq_ref = stats.rel_mse, 1.0
+                else:  # rel_mse is relative to this piece's mean square: weight it back
+                    ms = float(piece.float().pow(2).mean())
+                    sq_err += stats.rel_mse * ms * piece.numel()
+                    sq_ref += ms * piece.numel()
+                max_abs = max(max_abs, stats.max_abs_err)
+                rec, info = encode_record(enc, compress_level=compress_level)
+                del enc
+                w.put(rname, rec)
+                del rec
+                original += stats.original_bytes
+                raw_len += info.raw_len
+                stored_len += info.stored_len
+                compressed = compressed or info.compressed
+            del tensor, pieces, piece
             release_free_memory()
             tensors.append(
                 TensorEntry(
@@ -200,12 +234,13 @@ def _write_group(
                     codec=codec,
                     shape=shape,
                     dtype=dtype,
-                    original_bytes=stats.original_bytes,
-                    raw_bytes=info.raw_len,
-                    stored_bytes=info.stored_len,
-                    compressed=info.compressed,
-                    rel_mse=stats.rel_mse,
-                    max_abs_err=stats.max_abs_err,
+                    original_bytes=original,
+                    raw_bytes=raw_len,
+                    stored_bytes=stored_len,
+                    compressed=compressed,
+                    rel_mse=sq_err / sq_ref if sq_ref else 0.0,
+                    max_abs_err=max_abs,
+                    chunk_rows=rows,
                 )
             )
         entry = GroupEntry(name=gname, tensors=tensors, seconds=time.perf_counter() - t0)

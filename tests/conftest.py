@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
 
-def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: int = 320):
+def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: int = 320, tie_word_embeddings: bool = False):
     from transformers import AutoConfig
 
     common = dict(
@@ -24,7 +24,7 @@ def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: in
         num_key_value_heads=2,
         vocab_size=vocab,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

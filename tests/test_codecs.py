@@ -122,3 +122,34 @@ def test_unknown_codec_and_bad_shapes():
         get_codec("zip9")
     with pytest.raises(ValueError, match="needs a 2-D weight"):
         get_codec(CodecName.INT4_GROUP).encode(torch.zeros(8))
+
+
+@pytest.mark.parametrize("codec", list(CodecName))
+@pytest.mark.parametrize("cols", [256, 200])
+def test_decode_into_a_buffer_equals_decode(codec, cols):
+    """The executor decodes into preallocated slots; that path must give the same numbers."""
+    from cache.record import decode_record, encode_record
+
+    w = _weight(rows=48, cols=cols, seed=5)
+    params = {"group_size": 64} if codec in (CodecName.INT4_GROUP, CodecName.INT2_GROUP) else {}
+    enc = get_codec(codec).encode(w, **params)
+    for level in (0, 3):  # zero-copy views of an uncompressed record, and a zstd one
+        rec, _ = encode_record(enc, compress_level=level)
+        back = decode_record("k", memoryview(rec), zero_copy=True)
+        out = torch.full((48, cols), float("nan"))
+        decode_tensor(back, out=out)
+        assert torch.equal(out, decode_tensor(back, torch.float32)), (codec, cols, level)
+    with pytest.raises(ValueError, match="out has shape"):
+        decode_tensor(enc, out=torch.empty(3, 3))
+
+
+def test_group_codec_reads_the_interleaved_layout_of_older_records():
+    codec = get_codec(CodecName.INT4_GROUP)
+    w = _weight(rows=8, cols=128, seed=2)
+    enc = codec.encode(w, group_size=64)
+    q = codec.unpack(enc)  # planar records unpack to the codes in column order
+    old = enc.parts | {"packed": (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)}
+    legacy = type(enc)(enc.codec, enc.shape, enc.dtype, old, {"group_size": 64, "bits": 4})
+    assert torch.equal(decode_tensor(legacy, torch.float32), decode_tensor(enc, torch.float32))
+    out = torch.empty(8, 128)
+    assert torch.equal(decode_tensor(legacy, out=out), decode_tensor(enc, torch.float32))

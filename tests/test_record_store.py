@@ -28,6 +28,7 @@ from cache import (
     get_codec,
 )
 from cache.record import RECORD_FORMAT_VERSION
+from cache.manifest import STORE_FORMAT_VERSION
 
 
 def _enc(codec=CodecName.NF4, rows=64, cols=128, seed=0):
@@ -178,7 +179,7 @@ def test_corrupt_record_in_store_is_never_served(tmp_path):
 def test_store_format_mismatch_and_missing(tmp_path):
     with LayerStore(tmp_path / "c") as st:
         st._write({(st._meta, b"format"): json.dumps({"store_format_version": 999}).encode()})
-    with pytest.raises(CacheFormatError, match=r"store format 999, this sli reads format 1; delete it"):
+    with pytest.raises(CacheFormatError, match=rf"store format 999, this sli reads format {STORE_FORMAT_VERSION}; delete it"):
         LayerStore(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no sli cache at"):
         LayerStore(tmp_path / "nothing", readonly=True)

@@ -1,0 +1,353 @@
+"""`sli bench`: sli against its peers on one model, in one run, each point in its own process.
+
+Every point runs in a fresh Python process, so its peak anonymous RSS (over a baseline
+taken after imports) belongs to it alone. Points: transformers in memory (fp32, the dtype
+sli computes in, and bf16), accelerate's disk offload at the same budget, AirLLM when it is
+installed, and sli at budgets of 100%, 50% and 25% of the bf16 model and at the minimum
+its planner accepts, in each mode. Results go to JSON and a markdown table, with ratios
+to each peer, and to a PNG plot of decode tokens/s against budget.
+
+The I/O-bound limit of a point is this machine's measured read-and-decode throughput for
+the variant divided by the bytes the point reads per token: how fast decode could go if
+computing were free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sky looks blue during the day and red at sunset."
+DEFAULT_MODES = ("none", "int8", "nf4", "int4")
+DEFAULT_FRACTIONS = (1.0, 0.5, 0.25)
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    cache_dir: str
+    out_dir: str
+    prompt: str = DEFAULT_PROMPT
+    new_tokens: int = 64
+    modes: tuple[str, ...] = DEFAULT_MODES
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    with_minimum: bool = True
+    peers: tuple[str, ...] = ("transformers", "transformers-bf16", "accelerate", "airllm")
+    offload_budget: str | None = None  # default: 25% of the bf16 model
+    timeout_s: int = 900
+
+
+@dataclass
+class Point:
+    system: str
+    mode: str
+    budget_bytes: int | None
+    label: str
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+# -- workers (run in a child process) --------------------------------------------------------
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from runtime.memory import PeakMemorySampler, release_free_memory
+
+    torch.manual_seed(0)
+    kind = spec["kind"]
+    _import_everything(spec["model"])
+    if kind == "sli":
+        from sli.processor import UniversalSLIProcessor
+
+        release_free_memory()
+        with PeakMemorySampler() as mem:
+            p = UniversalSLIProcessor(
+                spec["model"], quantization_config=spec["mode"], cache_dir=spec["cache_dir"], memory_budget=spec["budget"], progress=False
+            )
+            m = p.model
+            p.tokenizer
+            r = p.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True)
+        s = r.stats
+        return {
+            "ttft_s": s.time_to_first_token_s,
+            "decode_tok_s": s.decode_tokens_per_s,
+            "bytes_per_token": s.bytes_read_per_token,
+            "peak_rss_bytes": mem.peak_bytes,
+            "new_tokens": s.new_tokens,
+            "prompt_tokens": s.prompt_tokens,
+            "plan": m.plan.describe(),
+            "streamed_layers": len(m.plan.streamed_layers),
+            "minimum_bytes": m.minimum_bytes,
+            "text": r.text,
+            "read_decode_bytes_per_s": _read_decode_throughput(m),
+        }
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    ids = tok(spec["prompt"], return_tensors="pt").input_ids
+    release_free_memory()
+    with PeakMemorySampler() as mem:
+        if kind == "transformers":
+            dtype = getattr(torch, spec.get("dtype", "float32"))
+            model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).eval()
+        elif kind == "accelerate":
+            off = tempfile.mkdtemp(prefix="sli-bench-offload-")
+            model = AutoModelForCausalLM.from_pretrained(
+                spec["model"],
+                dtype=torch.bfloat16,
+                device_map="auto",
+                max_memory={"cpu": int(spec["budget"])},
+                offload_folder=off,
+                offload_state_dict=True,
+            ).eval()
+        elif kind == "airllm":
+            from airllm import AutoModel  # noqa: F401  (raises ImportError when absent)
+
+            model = AutoModel.from_pretrained(spec["model"])
+        else:
+            raise ValueError(kind)
+        ttft, rate, n = _time_hf_generate(model, ids, spec["new_tokens"])
+    return {
+        "ttft_s": ttft,
+        "decode_tok_s": rate,
+        "bytes_per_token": None,
+        "peak_rss_bytes": mem.peak_bytes,
+        "new_tokens": n,
+        "prompt_tokens": ids.shape[1],
+    }
+
+
+def _import_everything(model: str) -> None:
+    """Import what a point will use before its baseline is taken: the baseline is "after
+    imports", and transformers imports a model's modules lazily on first use."""
+    import gc
+
+    import accelerate  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from runtime.memory import release_free_memory
+
+    cfg = AutoConfig.from_pretrained(model)
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]  # imports the modeling module
+    gc.collect()
+    release_free_memory()
+
+
+def _time_hf_generate(model, ids, new_tokens: int) -> tuple[float, float, int]:
+    """Time to first token and decode tokens/s of transformers' greedy generate."""
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        total = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    return ttft, (n - 1) / max(total - ttft, 1e-9), n
+
+
+def _read_decode_throughput(m) -> float:
+    """Bytes of streamed records this machine reads, verifies and decodes per second (one thread)."""
+    names = m.plan.streamed_layers
+    if not names or not m._slots:
+        return 0.0
+    slot = m._slots[0]
+    t0 = time.perf_counter()
+    n = 0
+    for i in names:
+        slot.owner = i
+        m._decode_layer(i, slot)
+        slot.owner = None
+        n += m._groups[f"layer.{i}"].stored_bytes
+    return n / (time.perf_counter() - t0)
+
+
+def worker_main() -> int:
+    spec = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        res = _worker(spec)
+        print("SLI-BENCH-RESULT " + json.dumps(res))
+        return 0
+    except ImportError as e:
+        print("SLI-BENCH-RESULT " + json.dumps({"error": f"not installed: {e}"}))
+        return 0
+
+
+# -- the driver -----------------------------------------------------------------------------
+def _run_point(spec: dict[str, Any], timeout_s: int) -> tuple[dict[str, Any], str]:
+    cmd = [sys.executable, "-c", "import sys; from sli.bench import worker_main; sys.exit(worker_main())", json.dumps(spec)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {}, f"timed out after {timeout_s}s"
+    for line in cp.stdout.splitlines():
+        if line.startswith("SLI-BENCH-RESULT "):
+            res = json.loads(line.split(" ", 1)[1])
+            return (res, res.pop("error", "")) if "error" in res else (res, "")
+    return {}, (cp.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
+    """Run every point; returns them (also written by :func:`write_outputs`)."""
+    from sli.sources import open_source
+
+    src = open_source(cfg.model)
+    bf16_bytes = sum(src.tensor_nbytes(n) for n in src.tensor_names())  # the source's own bytes (bf16 for the real model)
+    src.close()
+    points: list[Point] = []
+    quarter = int(0.25 * bf16_bytes)
+    offload = int(cfg.offload_budget) if cfg.offload_budget else quarter
+    peers = []
+    if "transformers" in cfg.peers:
+        peers.append(Point("transformers", "fp32", None, "transformers in memory (fp32)"))
+    if "transformers-bf16" in cfg.peers:
+        peers.append(Point("transformers", "bf16", None, "transformers in memory (bf16)"))
+    if "accelerate" in cfg.peers:
+        peers.append(Point("accelerate", "bf16", offload, "accelerate disk offload"))
+    if "airllm" in cfg.peers:
+        peers.append(Point("airllm", "bf16", None, "AirLLM"))
+    specs = []
+    for p in peers:
+        kind = p.system
+        spec = {"kind": kind, "model": cfg.model, "prompt": cfg.prompt, "new_tokens": cfg.new_tokens}
+        if kind == "transformers":
+            spec["dtype"] = "float32" if p.mode == "fp32" else "bfloat16"
+        if kind == "accelerate":
+            spec["budget"] = offload
+        specs.append((p, spec))
+    for mode in cfg.modes:
+        # make sure the variant exists before timing anything
+        from sli.processor import UniversalSLIProcessor
+
+        UniversalSLIProcessor(cfg.model, quantization_config=mode, cache_dir=cfg.cache_dir, progress=False).quantize()
+        budgets = [(f"{int(f * 100)}%", int(f * bf16_bytes)) for f in cfg.fractions]
+        if cfg.with_minimum:
+            budgets.append(("min", None))
+        for label, b in budgets:
+            specs.append((Point("sli", mode, b, label), {"kind": "sli", "model": cfg.model, "mode": mode, "cache_dir": cfg.cache_dir,
+                                                          "budget": b, "prompt": cfg.prompt, "new_tokens": cfg.new_tokens}))
+    minimum: dict[str, int] = {}
+    for p, spec in specs:
+        if p.system == "sli" and spec["budget"] is None:
+            spec["budget"] = minimum.get(p.mode)
+            if spec["budget"] is None:
+                p.error = "minimum unknown (no other point of this mode ran)"
+                points.append(p)
+                continue
+            p.budget_bytes = spec["budget"]
+        t0 = time.perf_counter()
+        p.result, p.error = _run_point(spec, cfg.timeout_s)
+        if p.system == "sli" and "minimum_bytes" in p.result:
+            minimum.setdefault(p.mode, p.result["minimum_bytes"])
+        if p.error and "below the" in p.error and p.system == "sli":
+            p.error = "budget below this mode's minimum"
+        logger.info("%s %s %s: %s (%.0fs)", p.system, p.mode, p.label, p.error or f"{p.result.get('decode_tok_s', 0):.2f} tok/s", time.perf_counter() - t0)
+        if progress:
+            progress(p)
+        points.append(p)
+    _add_ratios(points)
+    return points
+
+
+def _add_ratios(points: list[Point]) -> None:
+    peers = {p.label: p.result.get("decode_tok_s") for p in points if p.system != "sli" and p.result.get("decode_tok_s")}
+    for p in points:
+        r = p.result
+        if p.system != "sli" or not r.get("decode_tok_s"):
+            continue
+        r["ratios"] = {label: r["decode_tok_s"] / v for label, v in peers.items()}
+        thr, bpt = r.get("read_decode_bytes_per_s") or 0, r.get("bytes_per_token") or 0
+        if thr and bpt:
+            r["io_bound_tok_s"] = thr / bpt
+            r["share_of_io_bound"] = r["decode_tok_s"] / r["io_bound_tok_s"]
+
+
+def write_outputs(points: list[Point], cfg: BenchConfig) -> dict[str, str]:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "model": cfg.model,
+        "prompt": cfg.prompt,
+        "new_tokens": cfg.new_tokens,
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "points": [p.__dict__ for p in points],
+    }
+    (out / "bench.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / "bench.md").write_text(markdown_table(points))
+    paths = {"json": str(out / "bench.json"), "markdown": str(out / "bench.md")}
+    try:
+        paths["png"] = plot(points, out / "bench.png")
+    except ImportError as e:
+        raise ImportError(f"the plot needs matplotlib ({e}); install it with pip install 'sli[bench]'") from e
+    return paths
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.0f}"
+
+
+def markdown_table(points: list[Point]) -> str:
+    peer_labels = [p.label for p in points if p.system != "sli" and p.result.get("decode_tok_s")]
+    head = ["system", "mode", "budget", "budget MB", "TTFT s", "decode tok/s", "MB read/token", "peak anon MB", "I/O-bound tok/s", "share of I/O bound"]
+    head += [f"x {lbl}" for lbl in peer_labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        r = p.result
+        if p.error:
+            row = [p.system, p.mode, p.label, _mb(p.budget_bytes), p.error] + [""] * (len(head) - 5)
+        else:
+            row = [
+                p.system, p.mode, p.label, _mb(p.budget_bytes), f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}",
+                "-" if r.get("bytes_per_token") is None else f"{r['bytes_per_token'] / 1e6:.1f}",
+                f"{r['peak_rss_bytes'] / 1e6:.0f}",
+                f"{r['io_bound_tok_s']:.1f}" if r.get("io_bound_tok_s") else "-",
+                f"{r['share_of_io_bound']:.0%}" if r.get("share_of_io_bound") else "-",
+            ]
+            row += [f"{r['ratios'][lbl]:.2f}" if r.get("ratios") and lbl in r["ratios"] else "" for lbl in peer_labels]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[Point], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for mode in sorted({p.mode for p in points if p.system == "sli"}):
+        pts = sorted((p.budget_bytes / 1e6, p.result["decode_tok_s"]) for p in points if p.system == "sli" and p.mode == mode and not p.error)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"sli {mode}")
+    for p in points:
+        if p.system == "sli" or p.error:
+            continue
+        if p.budget_bytes:
+            ax.scatter([p.budget_bytes / 1e6], [p.result["decode_tok_s"]], marker="s", s=60, label=p.label, zorder=3)
+        else:
+            ax.axhline(p.result["decode_tok_s"], linestyle="--", linewidth=1, label=p.label)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory budget (MB, log)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("decode speed against memory budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
