@@ -68,7 +68,9 @@ def _acquire_env(path: Path, *, readonly: bool) -> lmdb.Environment:
         try:
             env = lmdb.open(
                 str(path),
-                map_size=max(_INITIAL_MAP_SIZE, existing * 2),
+                # never more than the file already is: with writemap the file grows to the map size,
+                # so doubling on every open would grow a sparse file without bound
+                map_size=max(_INITIAL_MAP_SIZE, existing),
                 max_dbs=4,
                 readonly=readonly,
                 lock=True,

@@ -231,3 +231,13 @@ def test_stores_on_one_directory_share_the_environment(tmp_path):
     r2.close()
     with LayerStore(tmp_path / "c") as again:  # all closed: a writer may open it
         assert again.raw_record("v", "a") == rec
+
+
+def test_reopening_does_not_grow_the_map(tmp_path):
+    with LayerStore(tmp_path / "c") as st:
+        st.put_files("m", {"a": b"x" * 1000})
+    sizes = []
+    for _ in range(6):
+        with LayerStore(tmp_path / "c") as st:
+            sizes.append((tmp_path / "c" / "data.mdb").stat().st_size)
+    assert len(set(sizes)) == 1, sizes
