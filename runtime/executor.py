@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cache.codecs import decode_tensor
+from cache.codecs import CodecName, decode_tensor
 from cache.manifest import GroupEntry, Manifest, TensorEntry
 from cache.store import LayerStore
 from runtime.arch import EMBED_GROUP, HEAD_GROUP, ArchSpec
@@ -90,12 +90,31 @@ class _Slot:
     """Preallocated buffers for one streamed layer, one flat buffer per tensor role
     (``self_attn.q_proj.weight`` ...), sized for the largest layer that uses it."""
 
-    def __init__(self, sizes: dict[str, int], dtype: torch.dtype) -> None:
-        self.buffers = {role: torch.empty(n, dtype=dtype) for role, n in sizes.items()}
+    def __init__(self, sizes: dict[str, tuple[int, torch.dtype]]) -> None:
+        self.buffers = {role: torch.empty(n, dtype=dt) for role, (n, dt) in sizes.items()}
         self.owner: int | None = None
 
     def view(self, role: str, shape: list[int]) -> torch.Tensor:
         return self.buffers[role][: math.prod(shape)].view(shape)
+
+
+class PackedInt4Linear(nn.Module):
+    """A linear layer computing on 4-bit weights as the cache stores them, with torch's CPU
+    kernel ``_weight_int4pack_mm_for_cpu`` (bf16 activations): nothing is dequantized."""
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        self.bias = linear.bias  # a parameter (meta until loaded) or None
+        self.packed: torch.Tensor | None = None  # [out, in / 2] uint8
+        self.scales_and_zeros: torch.Tensor | None = None  # [in / group, out, 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            raise RuntimeError("packed int4 linear ran without its weights loaded")
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
 
 
 class _ChunkedHead(nn.Module):
@@ -111,12 +130,16 @@ class _ChunkedHead(nn.Module):
         out = torch.empty(*hidden.shape[:-1], e.shape[0], dtype=hidden.dtype)
         o = self.owner
         n = e.num_chunks
-        pending = o._submit_chunk(e, 0, 0)
-        for k in range(n):
-            w, _ = o._await_chunk(e, k, pending)
-            pending = o._submit_chunk(e, k + 1, (k + 1) % 2) if k + 1 < n else None
-            r0 = k * (e.chunk_rows or e.shape[0])
-            out[..., r0 : r0 + w.shape[0]] = F.linear(hidden, w)
+        rows_per = e.chunk_rows or e.shape[0]
+        if o._pool is None:
+            for k in range(n):
+                o._apply_chunk(e, k, lambda w, r0=k * rows_per: out[..., r0 : r0 + w.shape[0]].copy_(F.linear(hidden, w)))
+        else:
+            pending = o._submit_chunk(e, 0, 0)
+            for k in range(n):
+                w, _ = o._await_chunk(e, k, pending)
+                pending = o._submit_chunk(e, k + 1, (k + 1) % 2) if k + 1 < n else None
+                out[..., k * rows_per : k * rows_per + w.shape[0]] = F.linear(hidden, w)
         if self.bias is not None:
             out += self.bias
         return out
@@ -140,6 +163,11 @@ class StreamingModel:
             measured on, the decode thread competes with the compute thread for the cores
             and decode speed drops (int4 at 64 MB: 4.98 tok/s without, 3.3-3.9 with).
 
+        packed_int4: compute int4 linears on their packed weights with torch's CPU kernel
+            (bf16 only). Default: on whenever ``dtype`` is bfloat16 and the variant has
+            eligible int4 tensors; they then stay packed in slots and resident (a quarter of
+            their bf16 size), so more layers fit the budget.
+
     Raises:
         BudgetTooSmallError: the budget cannot hold the fixed costs plus two layer slots.
     """
@@ -154,6 +182,7 @@ class StreamingModel:
         context_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefetch: bool = False,
+        packed_int4: bool | None = None,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
@@ -176,6 +205,14 @@ class StreamingModel:
         self.embed_entry = self._entries[embed_name]
         self.tied = head_name not in self._entries
         self.head_entry = self.embed_entry if self.tied else self._entries[head_name]
+        self.packed: dict[str, int] = self._packed_tensors() if packed_int4 is not False else {}
+        if packed_int4 and not self.packed:
+            raise ValueError("packed_int4=True but this variant has no int4 tensors in torch's CPU kernel layout")
+        if self.packed and dtype != torch.bfloat16:
+            if packed_int4:
+                raise ValueError("the packed int4 kernel computes in bfloat16; pass dtype=torch.bfloat16")
+            self.packed = {}
+        self._swap_packed_modules()
         self.plan = self._plan(memory_budget, context_tokens)
         self.context_tokens = self.plan.context_tokens
         logger.info("%s", self.plan.describe())
@@ -191,14 +228,48 @@ class StreamingModel:
         self._load_fixed()
         # the streamed layer after i, wrapping to the first for the next forward pass
         self._next = {i: streamed[(k + 1) % len(streamed)] for k, i in enumerate(streamed)}
-        self._slots = [_Slot(self._slot_sizes(streamed), dtype) for _ in range(self.plan.num_slots)] if streamed else []
+        self._slots = [_Slot(self._slot_sizes(streamed)) for _ in range(self.plan.num_slots)] if streamed else []
         for i in streamed:
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_loader(i)))
             self._hooks.append(self.layers[i].register_forward_hook(self._make_releaser(i)))
         self.reset_stats()
 
+    # -- packed int4 -----------------------------------------------------------------------
+    def _packed_tensors(self) -> dict[str, int]:
+        """Layer weights stored in the kernel's layout: name -> group size."""
+        out = {}
+        with self.store.reader() as r:
+            for g in self.manifest.groups:
+                if not g.name.startswith("layer."):
+                    continue
+                for t in g.tensors:
+                    if t.codec != CodecName.INT4_GROUP.value or not t.name.endswith(".weight"):
+                        continue
+                    enc = r.get(self.variant_id, t.name)
+                    if enc.params.get("layout") == "tinygemm":
+                        out[t.name] = int(enc.params["group_size"])
+        return out
+
+    def _swap_packed_modules(self) -> None:
+        for name, gs in list(self.packed.items()):
+            module_name = name.removesuffix(".weight")
+            parent_name, _, attr = module_name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            linear = getattr(parent, attr)
+            if not isinstance(linear, nn.Linear):
+                del self.packed[name]  # only plain linears are swapped
+                continue
+            setattr(parent, attr, PackedInt4Linear(linear, gs))
+
+    def _packed_shapes(self, t: TensorEntry) -> tuple[list[int], list[int]]:
+        n, k = t.shape
+        return [n, k // 2], [k // self.packed[t.name], n, 2]
+
     # -- planning --------------------------------------------------------------------------
     def _size(self, t: TensorEntry) -> int:
+        if t.name in self.packed:
+            pk, sz = self._packed_shapes(t)
+            return math.prod(pk) + 2 * math.prod(sz)
         return _nbytes(t, self.dtype)
 
     def _plan(self, memory_budget: str | int, context_tokens: int | None) -> BudgetPlan:
@@ -255,14 +326,36 @@ class StreamingModel:
         rows = e.chunk_rows or e.shape[0]
         return rows * math.prod(e.shape[1:]) * torch.empty(0, dtype=self.dtype).element_size()
 
-    def _slot_sizes(self, layers: tuple[int, ...]) -> dict[str, int]:
-        sizes: dict[str, int] = {}
+    def _slot_sizes(self, layers: tuple[int, ...]) -> dict[str, tuple[int, torch.dtype]]:
+        sizes: dict[str, tuple[int, torch.dtype]] = {}
+
+        def need(role: str, n: int, dt: torch.dtype) -> None:
+            sizes[role] = (max(sizes.get(role, (0, dt))[0], n), dt)
+
         for i in layers:
             prefix = f"{self.arch.layers}.{i}."
             for t in self._groups[f"layer.{i}"].tensors:
                 role = t.name.removeprefix(prefix)
-                sizes[role] = max(sizes.get(role, 0), math.prod(t.shape))
+                if t.name in self.packed:
+                    pk, sz = self._packed_shapes(t)
+                    need(role, math.prod(pk), torch.uint8)
+                    need(role + ":sz", math.prod(sz), torch.bfloat16)
+                else:
+                    need(role, math.prod(t.shape), self.dtype)
         return sizes
+
+    def _load_packed(self, enc, t: TensorEntry, slot: "_Slot | None", role: str) -> tuple:
+        """The packed bytes and the kernel's scales for a packed int4 tensor, in ``slot`` or owned."""
+        from cache.codecs import tinygemm_scales_and_zeros
+
+        pk, sz = self._packed_shapes(t)
+        if slot is None:
+            return ("packed", enc.parts["packed"].clone(), tinygemm_scales_and_zeros(enc))
+        dst = slot.view(role, pk)
+        dst.copy_(enc.parts["packed"])
+        dsz = slot.view(role + ":sz", sz)
+        dsz.copy_(tinygemm_scales_and_zeros(enc))
+        return ("packed", dst, dsz)
 
     # -- fixed weights -----------------------------------------------------------------------
     def _load_fixed(self) -> None:
@@ -288,8 +381,13 @@ class StreamingModel:
         if "head" not in resident:
             self._stream_head()
 
-    def _read_whole(self, t: TensorEntry) -> torch.Tensor:
+    def _read_whole(self, t: TensorEntry):
         t0 = time.perf_counter()
+        if t.name in self.packed:
+            with self.store.reader() as r:
+                out = self._load_packed(r.get(self.variant_id, t.name), t, None, "")
+            self._account(t.stored_bytes, time.perf_counter() - t0)
+            return out
         out = self.store.read_tensor(self.variant_id, t, self.dtype)
         self._account(t.stored_bytes, time.perf_counter() - t0)
         return out
@@ -313,6 +411,24 @@ class StreamingModel:
             decode_tensor(enc, out=out)
         stored = e.stored_bytes // e.num_chunks  # records of a tensor's chunks are near equal
         return out, stored, time.perf_counter() - t0
+
+    def _apply_chunk(self, e: TensorEntry, k: int, fn) -> None:
+        """Call ``fn(weight rows)`` on row chunk ``k``. An uncompressed record already in the
+        compute dtype is used in place, straight from the map; others are decoded into a
+        chunk buffer first."""
+        t0 = time.perf_counter()
+        with self.store.reader() as r:
+            enc = r.get(self.variant_id, e.record_names()[k])
+            data = enc.parts.get("data") if enc.codec == CodecName.RAW.value else None
+            if data is not None and data.dtype == self.dtype:
+                w = data.view(-1, *e.shape[1:])
+            else:
+                rows = enc.shape[0]
+                w = self._chunk_buffers()[0][: rows * math.prod(e.shape[1:])].view(rows, *e.shape[1:])
+                decode_tensor(enc, out=w)
+            self.stats.chunks_loaded += 1
+            self._account(e.stored_bytes // e.num_chunks, time.perf_counter() - t0)
+            fn(w)
 
     def _submit_chunk(self, e: TensorEntry, k: int, buf: int) -> Future | tuple:
         if self._pool is None:
@@ -342,9 +458,12 @@ class StreamingModel:
             uniq, inverse = torch.unique(ids, return_inverse=True)
             rows = torch.empty(len(uniq), *e.shape[1:], dtype=self.dtype)
             for k in torch.unique(uniq // rows_per).tolist():
-                chunk, _ = self._await_chunk(e, k, self._decode_chunk(e, k, 0))
                 sel = (uniq // rows_per) == k
-                rows[sel] = chunk[uniq[sel] - k * rows_per]
+
+                def take(chunk: torch.Tensor, sel=sel, k=k) -> None:
+                    rows[sel] = chunk[uniq[sel] - k * rows_per].to(self.dtype)
+
+                self._apply_chunk(e, k, take)
             mod._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
             return (inverse.view(ids.shape), *args[1:])
 
@@ -373,8 +492,13 @@ class StreamingModel:
         out = {}
         with self.store.reader() as r:
             for t in self._groups[f"layer.{i}"].tensors:
-                dst = slot.view(t.name.removeprefix(prefix), t.shape)
-                decode_tensor(r.get(self.variant_id, t.name), out=dst)
+                role = t.name.removeprefix(prefix)
+                enc = r.get(self.variant_id, t.name)
+                if t.name in self.packed:
+                    out[t.name] = self._load_packed(enc, t, slot, role)
+                    continue
+                dst = slot.view(role, t.shape)
+                decode_tensor(enc, out=dst)
                 out[t.name] = dst
         return out, time.perf_counter() - t0
 
@@ -408,9 +532,13 @@ class StreamingModel:
                 self._pending[nxt] = self._pool.submit(self._decode_layer, nxt, slot)
         return out
 
-    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _assign(self, tensors: dict) -> None:
         for name, t in tensors.items():
             module_name, pname = name.rsplit(".", 1)
+            if isinstance(t, tuple):  # ("packed", bytes, scales_and_zeros)
+                module = self.model.get_submodule(module_name)
+                module.packed, module.scales_and_zeros = t[1], t[2]
+                continue
             try:
                 _set_param(self.model.get_submodule(module_name), pname, t)
             except (KeyError, AttributeError) as e:
@@ -418,6 +546,8 @@ class StreamingModel:
 
     def _release(self, i: int) -> None:
         for module in self.layers[i].modules():
+            if isinstance(module, PackedInt4Linear):
+                module.packed = module.scales_and_zeros = None
             for pname, p in module._parameters.items():
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)

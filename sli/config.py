@@ -109,7 +109,7 @@ class QuantizationConfig:
     quant_type: str | None = None
     llm_int8_threshold: float = 6.0
     llm_int8_skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
-    group_size: int = 128
+    group_size: int = 64
     blocksize: int = 64
 
     def __post_init__(self) -> None:

@@ -94,7 +94,7 @@ def test_registry():
     assert set(reg.list_configs()) == {m.value for m in QuantizationMode} | {"mixed"}
     got = reg.get("nf4")
     got.group_size = 32  # a copy: the registry is unchanged
-    assert reg.get("nf4").group_size == 128
+    assert reg.get("nf4").group_size == 64
     with pytest.raises(ValueError, match="already registered"):
         reg.register("nf4", QuantizationConfig())
     reg.register("nf4", QuantizationConfig(mode="fp4"), overwrite=True)
