@@ -110,6 +110,14 @@ class Int8OutlierCodec(Codec):
             w[:, p["outlier_cols"].long()] = p["outlier_w"].float()
         return w.to(dtype)
 
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        p = enc.parts
+        out.copy_(p["q"])
+        out.mul_((p["scale"].float() / 127.0).to(out.dtype)[:, None])
+        if p["outlier_cols"].numel():
+            out[:, p["outlier_cols"].long()] = p["outlier_w"].to(out.dtype)
+        return out
+
 
 class Int8ChannelCodec(Codec):
     """Symmetric int8 per output channel: ``w ≈ q * scale[:, None]``; q in [-127, 127]."""
@@ -166,9 +174,16 @@ class BnB4BitCodec(Codec):
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
+        out = torch.empty(enc.shape, dtype=dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32)
+        return self.decode_into(enc, out).to(dtype)
+
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
         qs = {k[3:]: v for k, v in enc.parts.items() if k.startswith("qs:")}
         state = bnbf.QuantState.from_dict(qs, device=torch.device("cpu"))
-        return bnbf.dequantize_4bit(enc.parts["packed"], state).to(dtype).reshape(enc.shape)
+        state.dtype = out.dtype  # dequantize straight to the caller's dtype (bnb's CPU backend has no out= variant)
+        return out.copy_(bnbf.dequantize_4bit(enc.parts["packed"], state).view(out.shape))
 
 
 class GroupIntCodec(Codec):

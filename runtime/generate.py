@@ -64,6 +64,9 @@ class GenerationStats:
     prefetch_hit_rate: float = 0.0
     hidden_io_fraction: float = 0.0
     peak_rss_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (from memory or disk)
+    disk_cached_tokens: int = 0  # of those, loaded from the spill store
+    prefill_tokens: int = 0  # prompt tokens actually computed
     stop_reason: str = ""  # of the first sequence: "stop" (token or string) or "length"
     stop_reasons: list[str] = field(default_factory=list)
 
@@ -186,10 +189,15 @@ def stream(
     *,
     attention_mask: torch.Tensor | None = None,
     should_stop: StopFn | None = None,
+    prefix_cache=None,
+    reuse: bool = True,
 ) -> Iterator[Step]:
     """Yield new tokens step by step for a batch ``[batch, seq]`` (left-padded with
     ``attention_mask``); fills ``out`` (tokens and stats) as it goes. A sequence finishes at a
     stop token or when ``should_stop(row, its new tokens)`` says so; the loop ends when all have.
+    With ``prefix_cache`` (a :class:`runtime.kv.PrefixCachingSession`, one sequence only) the
+    KV lives in the paged pool: the longest cached prefix is reused (unless ``reuse`` is
+    False) and only the rest is prefilled; afterwards the request's blocks are filed.
 
     Raises:
         ValueError: empty prompt, or longer than the context or the budget's KV reservation.
@@ -198,6 +206,8 @@ def stream(
         input_ids = input_ids[None]
     batch, n = input_ids.shape
     check_context(model, batch, n, cfg.max_new_tokens)
+    if prefix_cache is not None and (batch != 1 or attention_mask is not None):
+        raise ValueError("the prefix cache serves one sequence at a time; batched prompts use the plain KV cache")
     choose = _Chooser(cfg)
     stats = out.stats
     stats.prompt_tokens = int(attention_mask.sum()) if attention_mask is not None else batch * n
@@ -209,12 +219,18 @@ def stream(
     t0 = t1 = time.perf_counter()
     prefill_bytes = 0
     steps = 0
+    cache = None
+    prompt = input_ids[0].tolist()
     try:
         model.reset_stats()
         if cfg.max_new_tokens == 0:
             reasons = ["length"] * batch
             return
-        logits, cache = prefill(model, input_ids, attention_mask)
+        cached = 0
+        if prefix_cache is not None:
+            cache, cached, stats.disk_cached_tokens = prefix_cache.start(prompt, reuse=reuse)
+        stats.cached_tokens, stats.prefill_tokens = cached, stats.prompt_tokens - cached
+        logits, cache = prefill(model, input_ids[:, cached:], attention_mask, cache=cache)
         tok = choose(seen, logits)
         t1 = time.perf_counter()
         stats.time_to_first_token_s = t1 - t0
@@ -242,6 +258,9 @@ def stream(
             tok = choose(seen, logits)
     finally:
         t2 = time.perf_counter()
+        if prefix_cache is not None and cache is not None:
+            # the KV held covers the prompt and every new token but the last (never fed back)
+            prefix_cache.finish(cache, prompt + out.batch_token_ids[0][:-1])
         mem.__exit__(None, None, None)
         reasons = [r or "interrupted" for r in reasons]
         stats.stop_reasons = reasons

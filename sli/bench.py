@@ -45,6 +45,8 @@ class BenchConfig:
     peers: tuple[str, ...] = ("transformers", "transformers-bf16", "accelerate", "airllm")
     offload_budget: str | None = None  # default: 25% of the bf16 model
     timeout_s: int = 900
+    dtype: str = "bfloat16"  # sli's compute dtype (float32 is the exact-reference path)
+    context_tokens: int = 256  # KV every sli point reserves, so budgets compare like with like
 
 
 @dataclass
@@ -72,7 +74,13 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         release_free_memory()
         with PeakMemorySampler() as mem:
             p = UniversalSLIProcessor(
-                spec["model"], quantization_config=spec["mode"], cache_dir=spec["cache_dir"], memory_budget=spec["budget"], progress=False
+                spec["model"],
+                quantization_config=spec["mode"],
+                cache_dir=spec["cache_dir"],
+                memory_budget=spec["budget"],
+                dtype=spec.get("dtype", "float32"),
+                context_tokens=spec.get("context_tokens"),
+                progress=False,
             )
             m = p.model
             p.tokenizer
@@ -88,6 +96,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             "plan": m.plan.describe(),
             "streamed_layers": len(m.plan.streamed_layers),
             "minimum_bytes": m.minimum_bytes,
+            "packed_int4": bool(m.packed),
+            "dtype": spec.get("dtype", "float32"),
             "text": r.text,
             "read_decode_bytes_per_s": _read_decode_throughput(m),
         }
@@ -133,6 +143,7 @@ def _import_everything(model: str) -> None:
     import gc
 
     import accelerate  # noqa: F401
+    import bitsandbytes  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -160,19 +171,25 @@ def _time_hf_generate(model, ids, new_tokens: int) -> tuple[float, float, int]:
 
 
 def _read_decode_throughput(m) -> float:
-    """Bytes of streamed records this machine reads, verifies and decodes per second (one thread)."""
-    names = m.plan.streamed_layers
-    if not names or not m._slots:
+    """Bytes of streamed records this machine reads, verifies and decodes per second: every
+    streamed layer and head chunk once, through the same code the forward pass uses."""
+    if not m.plan.streaming:
         return 0.0
-    slot = m._slots[0]
+    before = m.stats.bytes_read
     t0 = time.perf_counter()
-    n = 0
-    for i in names:
+    slot = m._slots[0] if m._slots else None
+    for i in m.plan.streamed_layers:
         slot.owner = i
         m._decode_layer(i, slot)
         slot.owner = None
-        n += m._groups[f"layer.{i}"].stored_bytes
-    return n / (time.perf_counter() - t0)
+        m.stats.bytes_read += m._groups[f"layer.{i}"].stored_bytes
+    if "head" in m.plan.streamed:
+        e = m.head_entry
+        for k in range(e.num_chunks):
+            m._apply_chunk(e, k, lambda w: None)
+    seconds = time.perf_counter() - t0
+    n = m.stats.bytes_read - before
+    return n / seconds if seconds else 0.0
 
 
 def worker_main() -> int:
@@ -239,8 +256,9 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
         if cfg.with_minimum:
             budgets.append(("min", None))
         for label, b in budgets:
-            specs.append((Point("sli", mode, b, label), {"kind": "sli", "model": cfg.model, "mode": mode, "cache_dir": cfg.cache_dir,
-                                                          "budget": b, "prompt": cfg.prompt, "new_tokens": cfg.new_tokens}))
+            spec = {"kind": "sli", "model": cfg.model, "mode": mode, "cache_dir": cfg.cache_dir, "budget": b, "prompt": cfg.prompt,
+                    "new_tokens": cfg.new_tokens, "dtype": cfg.dtype, "context_tokens": cfg.context_tokens}
+            specs.append((Point("sli", mode, b, label), spec))
     minimum: dict[str, int] = {}
     for p, spec in specs:
         if p.system == "sli" and spec["budget"] is None:

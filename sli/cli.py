@@ -34,6 +34,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size, help="int4/int2 group size")
     p.add_argument("--threshold", type=float, default=_DEFAULTS.llm_int8_threshold, help="int8 outlier threshold")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: no double quantization")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="mixed precision chosen by measured salience, to this average bits per weight (e.g. 4.5)")
     p.add_argument("--compress-level", type=int, default=3, help="zstd level, 0 disables")
     p.add_argument("--validate-memory", action="store_true", help="fail unless every quantized tensor shrank; report the reduction")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -54,15 +56,7 @@ def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuant
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    from sli.processor import UniversalSLIProcessor
-
-    proc = UniversalSLIProcessor(
-        a.model,
-        quantization_config=_plan_from_args(a),
-        cache_dir=a.cache,
-        compress_level=a.compress_level,
-        progress=True,
-    )
+    proc = _processor(a, compress_level=a.compress_level, progress=True)
     report = proc.quantize(validate_memory=a.validate_memory)
     s = report.summary()
     if a.json:
@@ -78,16 +72,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from runtime.generate import GenerationOutput
     from runtime.memory import format_size
-    from sli.processor import UniversalSLIProcessor
 
-    proc = UniversalSLIProcessor(
-        a.model,
-        quantization_config=_plan_from_args(a),
-        cache_dir=a.cache,
-        memory_budget=a.memory_budget,
-        dtype=a.dtype,
-        prefetch=a.prefetch,
-    )
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch)
     proc.model  # load (and quantize if needed) before echoing the prompt
     out = GenerationOutput()
     pieces = proc.stream(
@@ -118,6 +104,87 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(a: argparse.Namespace) -> int:
+    """Interactive chat: streams answers; /reset, /stats, /exit; Ctrl-C stops an answer."""
+    from runtime.memory import format_size
+
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens)
+    session = proc.chat(system_prompt=a.system)
+    print(f"[{proc.model.plan.describe()}]", file=sys.stderr)
+    print("sli chat: /reset clears the history, /stats shows the last answer's figures, /exit quits; Ctrl-C stops an answer.",
+          flush=True)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                continue
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/exit", "/quit"):
+                return 0
+            if cmd == "/reset":
+                session.reset()
+                print("[history cleared]", flush=True)
+                continue
+            if cmd == "/stats":
+                s = session.last.stats if session.last else None
+                if s is None:
+                    print("[no answer yet]", flush=True)
+                else:
+                    print(
+                        f"[time to first token {s.time_to_first_token_s:.2f}s; decode {s.decode_tokens_per_s:.2f} tok/s; "
+                        f"prompt {s.prompt_tokens} tokens, {s.cached_tokens} cached ({s.disk_cached_tokens} from disk), "
+                        f"{s.prefill_tokens} prefilled; {s.new_tokens} new; peak +{format_size(s.peak_rss_bytes)}]",
+                        flush=True,
+                    )
+                continue
+            print("bot> ", end="", flush=True)
+            gen = session.stream(cmd, max_new_tokens=a.max_new_tokens)
+            try:
+                for piece in gen:
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                gen.close()
+                print(" [stopped]", end="")
+            print(flush=True)
+    finally:
+        proc.close()
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from sli.validate import describe_model, validate
+
+    if a.model_path:
+        info = describe_model(a.model_path)
+        print(json.dumps(info, indent=2))
+        return 0
+    if not a.model:
+        raise SystemExit("sli validate: give MODEL_OR_CACHE, or --model-path to check a model folder or file")
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype)
+    text, name = None, "pydoc_data topics"
+    if a.text:
+        with open(a.text, encoding="utf-8") as f:
+            text, name = f.read(), a.text
+    r = validate(proc, text=text, text_name=name, max_tokens=a.max_tokens, max_length=a.max_length,
+                 max_accuracy_loss_pct=a.max_accuracy_loss)
+    proc.close()
+    d = r.to_dict()
+    if a.report:
+        with open(a.report, "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2)
+    print(json.dumps(d, indent=2))
+    if r.passed is False:
+        print(f"FAIL: perplexity rose {r.perplexity_delta_pct:.2f}%, above the allowed {a.max_accuracy_loss}%", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.fetch import resolve_model, sli_home
@@ -129,6 +196,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         new_tokens=a.new_tokens,
         modes=tuple(a.modes.split(",")),
         peers=tuple(x for x in a.peers.split(",") if x),
+        dtype=a.dtype,
     )
     if a.prompt:
         cfg.prompt = a.prompt
@@ -195,6 +263,25 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+_PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits")
+
+
+def _processor(a: argparse.Namespace, **kwargs):
+    """The processor the plan options ask for (salience-driven when --target-bits is given)."""
+    from sli.processor import UniversalSLIProcessor
+
+    if getattr(a, "target_bits", None):
+        return UniversalSLIProcessor.for_target_bits(a.model, a.target_bits, cache_dir=a.cache, **kwargs)
+    return UniversalSLIProcessor(a.model, quantization_config=_plan_from_args(a), cache_dir=a.cache, **kwargs)
+
+
+def _copy_plan_args(sub: argparse._SubParsersAction, p: argparse.ArgumentParser, *, with_cache: bool) -> None:
+    """Give ``p`` the quantize command's options that choose the variant."""
+    for action in sub.choices["quantize"]._actions:
+        if action.dest in _PLAN_ARGS or (with_cache and action.dest == "cache"):
+            p._add_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sli", description="layer-streaming inference runtime")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -204,6 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fetch)
     _add_quantize(sub)
     sub.choices["quantize"].set_defaults(func=cmd_quantize)
+    v = sub.add_parser("validate", help="perplexity and retention against the unquantized model; a gate for pipelines")
+    v.add_argument("model", nargs="?", help="model folder, .gguf file, cache directory, or the fetched model's name")
+    v.add_argument("--model-path", default=None, help="only check that this model folder or file loads, and describe it")
+    _copy_plan_args(sub, v, with_cache=True)
+    v.add_argument("--text", default=None, help="evaluation text file (default: Python's pydoc_data topics)")
+    v.add_argument("--max-tokens", type=int, default=4096)
+    v.add_argument("--max-length", type=int, default=512)
+    v.add_argument("--max-accuracy-loss", type=float, default=None, help="fail when perplexity rises more than this many percent")
+    v.add_argument("--report", default=None, help="write the JSON report here")
+    v.add_argument("--memory-budget", default=None)
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("chat", help="interactive chat under a memory budget, reusing the KV of earlier turns")
+    c.add_argument("model", help="model folder, .gguf file, cache directory, or the fetched model's name")
+    _copy_plan_args(sub, c, with_cache=True)
+    c.add_argument("--memory-budget", default=None, help="e.g. 96MB")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    c.add_argument("--context-tokens", type=int, default=None, help="tokens of KV to reserve (default: chosen by the planner)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
     b = sub.add_parser("bench", help="sli against transformers, accelerate offload and AirLLM at several budgets")
     b.add_argument("model", help="model folder or the fetched test model's name")
     b.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
@@ -212,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="none,int8,nf4,int4")
     b.add_argument("--peers", default="transformers,transformers-bf16,accelerate,airllm")
     b.add_argument("--prompt", default=None)
+    b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="sli's compute dtype")
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="stream an answer under a memory budget (quantizes first if needed)")
@@ -227,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop after this string (repeatable)")
     g.add_argument("--prefetch", action="store_true", help="decode the next layer on a background thread")
-    for action in sub.choices["quantize"]._actions:
-        if action.dest in ("mode", "cache", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant"):
-            g._add_action(action)
+    _copy_plan_args(sub, g, with_cache=True)
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
     i.add_argument("cache", type=Path)

@@ -206,9 +206,11 @@ class AdaptiveQuantizer:
     default: QuantizationConfig = field(default_factory=lambda: QuantizationConfig(QuantizationMode.NONE))
     skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
     compute_dtype: str = "auto"
+    # exact tensor name -> config; chosen per tensor by measurement (see sli.salience)
+    overrides: dict[str, QuantizationConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for part in (self.attention, self.ffn, self.default):
+        for part in (self.attention, self.ffn, self.default, *self.overrides.values()):
             if part.compute_dtype != self.compute_dtype:
                 part.compute_dtype = self.compute_dtype
                 part.__post_init__()
@@ -217,7 +219,9 @@ class AdaptiveQuantizer:
         return self.default.torch_compute_dtype(source_dtype)
 
     def config_for(self, name: str) -> QuantizationConfig:
-        """The config that applies to a tensor, by the module it belongs to."""
+        """The config that applies to a tensor: its override, else by the module it belongs to."""
+        if name in self.overrides:
+            return self.overrides[name]
         module = name.rsplit(".", 1)[0]
         if module_matches(module, ATTENTION_MARKERS):
             return self.attention
@@ -241,18 +245,21 @@ class AdaptiveQuantizer:
             "default": self.default.to_dict(),
             "skip_modules": list(self.skip_modules),
             "compute_dtype": self.compute_dtype,
+            **({"overrides": {k: v.to_dict() for k, v in sorted(self.overrides.items())}} if self.overrides else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdaptiveQuantizer":
         d = {k: v for k, v in d.items() if k != "kind"}
-        known = {"attention", "ffn", "default", "skip_modules", "compute_dtype"}
+        known = {"attention", "ffn", "default", "skip_modules", "compute_dtype", "overrides"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown AdaptiveQuantizer keys {unknown}; known: {sorted(known)}")
         for k in ("attention", "ffn", "default"):
             if k in d:
                 d[k] = QuantizationConfig.from_dict(d[k])
+        if "overrides" in d:
+            d["overrides"] = {k: QuantizationConfig.from_dict(v) for k, v in d["overrides"].items()}
         return cls(**d)
 
     def fingerprint(self) -> str:

@@ -16,6 +16,7 @@ from runtime.executor import StreamingModel
 from runtime.generate import GenerationOutput, GenerationStats, SamplingConfig
 from runtime.generate import generate as generate_tokens
 from runtime.generate import stream as stream_tokens
+from runtime.memory import parse_size
 from runtime.tokenizer import load_tokenizer
 from sli.config import AdaptiveQuantizer, QuantizationConfig, default_registry
 from sli.fetch import resolve_model, sli_home
@@ -54,6 +55,8 @@ class UniversalSLIProcessor:
         context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
         prefetch: decode the next streamed layer on a background thread (see
             :class:`~runtime.executor.StreamingModel`).
+        spill_limit: disk space for KV blocks spilled to ``<cache_dir>/kv-spill`` and
+            reused across processes (``None`` or 0: no spilling).
 
     Raises:
         ModelSourceError: the model is missing or malformed.
@@ -74,6 +77,7 @@ class UniversalSLIProcessor:
         device: str = "cpu",
         context_tokens: int | None = None,
         prefetch: bool = False,
+        spill_limit: str | int | None = "1GiB",
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
@@ -101,10 +105,31 @@ class UniversalSLIProcessor:
             )
         self.context_tokens = context_tokens
         self.prefetch = prefetch
+        self.spill_limit = parse_size(spill_limit) if spill_limit else 0
+        self._prefix = None
+        self._spill = None
         self._source: ModelSource | None = None
         self._store: LayerStore | None = None
         self._model: StreamingModel | None = None
         self._tokenizer = None
+
+    @classmethod
+    def for_target_bits(cls, model_name, target_bits: float, *, cache_dir=None, memory_budget=None, progress: bool = True, **kwargs):
+        """A processor whose plan gives each linear weight the codec that buys the most quality
+        per bit, measured on calibration text, to average ``target_bits`` (see :mod:`sli.salience`).
+        The unquantized reference is built (mode ``none``) in the same cache for calibration."""
+        from sli.config import QuantizationConfig
+        from sli.salience import plan_by_salience
+
+        ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
+                  memory_budget=memory_budget, progress=progress)
+        try:
+            sp = plan_by_salience(ref.source, ref.model, ref.tokenizer, target_bits=target_bits, progress=progress)
+        finally:
+            ref.close()
+        p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)
+        p.salience = sp
+        return p
 
     @property
     def source(self) -> ModelSource:
@@ -136,6 +161,10 @@ class UniversalSLIProcessor:
         Returns:
             A :class:`QuantizationReport` (sizes, reduction factor, time, peak memory, errors).
         """
+        if self._variant_complete():  # read-only: this process may be reading the cache
+            with LayerStore(self.cache_dir, readonly=True) as st:
+                m = st.require_manifest(self.variant_id)
+            return QuantizationReport.from_manifest(m, str(self.cache_dir), peak_rss_bytes=0, built=0, resumed=len(m.groups))
         with LayerStore(self.cache_dir) as store:
             return quantize_model(
                 self.source,
@@ -152,13 +181,20 @@ class UniversalSLIProcessor:
         """The streaming model; quantizes first when the cache lacks this variant."""
         if self._model is None:
             # quantize() builds or finishes the variant, and returns at once when it is complete
-            vid = self.variant_id if self.cache_only else self.quantize().variant_id
+            vid = self.variant_id if self.cache_only or self._variant_complete() else self.quantize().variant_id
             self._store = LayerStore(self.cache_dir, readonly=True)
             budget = self.memory_budget if self.memory_budget is not None else 1 << 50
             self._model = StreamingModel(
                 self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens
             )
         return self._model
+
+    def _variant_complete(self) -> bool:
+        """The variant is already built (checked read-only: other readers may hold the cache)."""
+        if not (self.cache_dir / "data.mdb").is_file():
+            return False
+        with LayerStore(self.cache_dir, readonly=True) as st:
+            return st.get_manifest(self.variant_id) is not None
 
     @property
     def tokenizer(self):
@@ -170,6 +206,39 @@ class UniversalSLIProcessor:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float logits ``[batch, seq, vocab]`` of the streamed model."""
         return self.model.logits(input_ids)
+
+    def prefix_session(self):
+        """The paged KV pool and its prefix index (created on first use, sized by the budget plan)."""
+        if self._prefix is None:
+            from cache.kvstore import KVSpillStore
+            from runtime.kv import DEFAULT_BLOCK_SIZE, BlockPool, PrefixCachingSession
+
+            m = self.model
+            cfg = m.config
+            if getattr(cfg, "sliding_window", None) and any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or ["sliding_attention"])):
+                raise ValueError(
+                    f"{cfg.model_type} uses sliding-window attention, which the paged KV cache does not handle; "
+                    "pass prefix_cache=False"
+                )
+            heads = cfg.num_attention_heads
+            pool = BlockPool(
+                max(1, m.context_tokens // DEFAULT_BLOCK_SIZE),
+                num_layers=cfg.num_hidden_layers,
+                kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                dtype=m.dtype,
+            )
+            spill = KVSpillStore(self.cache_dir / "kv-spill", limit_bytes=self.spill_limit) if self.spill_limit else None
+            self._spill = spill
+            self._prefix = PrefixCachingSession(pool, salt=f"{m.variant_id}:{m.dtype}", num_layers=cfg.num_hidden_layers, spill=spill)
+        return self._prefix
+
+    def chat(self, system_prompt: str | None = None, messages: list[dict] | None = None) -> "ChatSession":
+        """A chat session: keeps the history, applies the model's chat template, and reuses
+        the KV of everything before the new message."""
+        from sli.chat import ChatSession
+
+        return ChatSession(self, system_prompt=system_prompt, messages=messages)
 
     def _sampling(self, max_new_tokens: int, ignore_eos: bool = False, **kwargs) -> SamplingConfig:
         eos = self.tokenizer.eos_token_id
@@ -194,7 +263,7 @@ class UniversalSLIProcessor:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[int],
         *,
         max_new_tokens: int = 64,
         do_sample: bool = False,
@@ -205,13 +274,17 @@ class UniversalSLIProcessor:
         seed: int | None = None,
         stop: list[str] | None = None,
         ignore_eos: bool = False,
+        prefix_cache: bool = True,
         out: GenerationOutput | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` (tokenized as ``tokenizer(prompt)``, no chat
-        template) piece by piece as text. Stops at the end-of-sequence token (unless
-        ``ignore_eos``, for benchmarks) or after a stop string (not part of the text)."""
+        template; or token ids) piece by piece as text. Stops at the end-of-sequence token
+        (unless ``ignore_eos``, for benchmarks) or after a stop string (not part of the text).
+        The KV lives in the paged pool and the longest prefix computed before (in this
+        process, or spilled to disk by an earlier one) is reused; ``prefix_cache=False``
+        turns reuse off for this call. ``out.stats`` reports cached and prefilled tokens."""
         tok = self.tokenizer
-        ids = torch.tensor([tok(prompt)["input_ids"]])
+        ids = torch.tensor([list(prompt) if not isinstance(prompt, str) else tok(prompt)["input_ids"]])
         cfg = self._sampling(
             max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos,
@@ -219,7 +292,8 @@ class UniversalSLIProcessor:
         out = out if out is not None else GenerationOutput()
         emitted = ""
         hold = max((len(s) for s in stop), default=0) if stop else 0
-        for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop)):
+        session = self.prefix_session()
+        for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop), prefix_cache=session, reuse=prefix_cache):
             text = _cut_at_stop(tok.decode(out.token_ids, skip_special_tokens=True), stop)
             # hold back a split multi-byte char, and what could be the start of a stop string
             ready = len(text) - hold if out.stats.stop_reason == "" and hold else len(text)
@@ -230,13 +304,14 @@ class UniversalSLIProcessor:
         if len(text) > len(emitted):
             yield text[len(emitted) :]
 
-    def generate(self, prompt: str | list[str], *, stop: list[str] | None = None, **kwargs) -> GenerationResult:
-        """Generate from one prompt or a list of prompts (one batch sharing every layer load).
+    def generate(self, prompt: str | list[str] | list[int], *, stop: list[str] | None = None, **kwargs) -> GenerationResult:
+        """Generate from one prompt (text or token ids) or a list of prompts (one batch sharing
+        every layer load; the batch uses a plain KV cache, without prefix reuse).
 
         Options are those of :meth:`stream`. Returns text (``.texts`` for a list), token ids
         and stats.
         """
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             out = GenerationOutput()
             text = "".join(self.stream(prompt, out=out, stop=stop, **kwargs))
             return GenerationResult(text=text, token_ids=out.token_ids, stats=out.stats, texts=[text])
@@ -248,12 +323,27 @@ class UniversalSLIProcessor:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (self._sampling(0).stop_token_ids or (0,))[0]
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        kwargs.pop("prefix_cache", None)
         cfg = self._sampling(kwargs.pop("max_new_tokens", 64), **kwargs)
         out = generate_tokens(self.model, ids, cfg, attention_mask=mask, should_stop=self._stop_checker(stop))
         texts = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), stop) for t in out.batch_token_ids]
         return GenerationResult(text=texts[0], token_ids=out.token_ids, stats=out.stats, texts=texts, batch_token_ids=out.batch_token_ids)
 
+    def perplexity(self, text: str | None = None, *, max_length: int = 512, stride: int | None = None, max_tokens: int | None = None) -> float:
+        """Sliding-window perplexity of the streamed (quantized) model on ``text`` (default: the
+        pydoc_data topics that ship with Python), over its first ``max_tokens`` tokens if given."""
+        from runtime.evaluate import perplexity
+        from sli.validate import default_text
+
+        ids = self.tokenizer(text if text is not None else default_text())["input_ids"]
+        ids = torch.tensor(ids[:max_tokens] if max_tokens else ids)
+        return perplexity(self.model, ids, max_length=max_length, stride=stride).perplexity
+
     def close(self) -> None:
+        self._prefix = None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
         if self._model is not None:
             self._model.close()
             self._model = None

@@ -93,6 +93,11 @@ class ModelSource(ABC):
     def tensor_nbytes(self, name: str) -> int:
         """Bytes ``read(name)`` will return, without reading it."""
 
+    def tensor_meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype name of a tensor (reads it where the format keeps no header)."""
+        t = self.read(name)
+        return tuple(t.shape), str(t.dtype).removeprefix("torch.")
+
     def tokenizer_files(self) -> dict[str, bytes]:
         """Tokenizer, chat template and generation files to copy into the cache."""
         folder = self.path if self.path.is_dir() else self.path.parent
@@ -177,6 +182,10 @@ class SafetensorsSource(ModelSource):
         for d in sl.get_shape():
             n *= d
         return n * _ST_DTYPE_BYTES.get(sl.get_dtype(), 4)
+
+    def tensor_meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        sl = self._where[name].get_slice(name)
+        return tuple(sl.get_shape()), {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(sl.get_dtype(), sl.get_dtype())
 
     def close(self) -> None:
         self._handles.clear()

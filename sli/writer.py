@@ -199,7 +199,7 @@ def _write_group(
                 (chunk_record_name(name, k), tensor[r : r + rows]) for k, r in enumerate(range(0, tensor.shape[0], rows))
             ]
             shape, dtype = list(tensor.shape), str(tensor.dtype).removeprefix("torch.")
-            original = encoded = raw_len = stored_len = 0
+            original = raw_len = stored_len = 0
             sq_err = sq_ref = max_abs = 0.0
             compressed = False
             for rname, piece in pieces:

@@ -36,6 +36,19 @@ def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: in
     return AutoConfig.for_model(model_type, **common)
 
 
+def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over ``word0 .. wordN`` (plus specials), so text APIs run on tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"word{i}": 4 + i for i in range(vocab_size - 4)})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+
+
 def make_tiny_model(
     root: Path, model_type: str = "llama", *, fmt: str = "safetensors", shards: int = 1, seed: int = 0, **kw
 ) -> Path:
@@ -49,6 +62,7 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(out)
+    save_tiny_tokenizer(out, cfg.vocab_size)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if fmt == "safetensors":
         if shards == 1:

@@ -1,0 +1,282 @@
+"""Paged KV cache: fixed-size token blocks from a pool inside the memory budget, reused by
+token prefix, evicted least recently used, spilled to disk.
+
+* :class:`BlockPool` owns one preallocated tensor ``[blocks, layers, 2, kv_heads, block, head_dim]``.
+  Blocks have reference counts. A full block is keyed by a hash chain
+  ``hash(parent hash, its token ids, model/variant key)``, so equal prefixes map to equal
+  blocks. Unreferenced blocks stay cached in an LRU free queue and are evicted oldest first
+  when the pool needs room; an evicted block is handed to the spill store first.
+* :class:`PagedKVCache` is a transformers ``Cache`` whose layers write into and read from
+  the blocks of one sequence, so transformers' own attention runs on it for every
+  architecture without sliding-window layers.
+* :class:`PrefixCachingSession` turns a token sequence into a cache: it reuses the longest
+  run of full blocks already in the pool or in the spill store, and after the request
+  registers the new full blocks and spills them.
+
+The design follows vLLM v1's block pool (ref counts, hash-keyed full blocks, a free queue
+that doubles as the LRU); the code is written for sli's single-sequence streaming runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class PoolExhaustedError(RuntimeError):
+    """Every block is referenced by a live sequence: nothing can be evicted."""
+
+
+def block_hash(parent: bytes | None, tokens: list[int] | tuple[int, ...], salt: str) -> bytes:
+    """Key of a full block: its parent's key, its token ids, and the model/variant it was computed by."""
+    h = hashlib.sha256()
+    h.update(parent or b"root")
+    h.update(salt.encode())
+    h.update(b",".join(str(t).encode() for t in tokens))
+    return h.digest()[:16]
+
+
+@dataclass
+class Block:
+    index: int
+    ref_count: int = 0
+    hash: bytes | None = None  # set once the block is full and registered
+
+
+class BlockPool:
+    """Fixed-size KV blocks for all layers, with reference counts, hash lookup and LRU eviction.
+
+    Args:
+        num_blocks: blocks in the pool.
+        num_layers, kv_heads, head_dim: the model's KV shape.
+        block_size: tokens per block.
+        dtype: KV dtype (the compute dtype).
+        on_evict: called with (hash, block tensor) before a cached block is reused for
+            something else (the spill store's hook).
+    """
+
+    def __init__(self, num_blocks: int, *, num_layers: int, kv_heads: int, head_dim: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                 dtype: torch.dtype = torch.float32, on_evict=None) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
+        self.block_size = block_size
+        self.data = torch.zeros(num_blocks, num_layers, 2, kv_heads, block_size, head_dim, dtype=dtype)
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # unreferenced blocks, least recently used first; cached (hashed) blocks stay findable until evicted
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.by_hash: dict[bytes, int] = {}
+        self.on_evict = on_evict
+        self.evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def allocate(self) -> Block:
+        """Take the least recently used free block (evicting its cached contents)."""
+        if not self.free:
+            raise PoolExhaustedError(
+                f"all {self.num_blocks} KV blocks ({self.num_blocks * self.block_size} tokens) are in use; "
+                "raise the memory budget or context_tokens, or shorten the request"
+            )
+        idx, _ = self.free.popitem(last=False)
+        b = self.blocks[idx]
+        if b.hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(b.hash, self.data[idx])
+            del self.by_hash[b.hash]
+            b.hash = None
+            self.evictions += 1
+        b.ref_count = 1
+        return b
+
+    def lookup(self, h: bytes) -> Block | None:
+        """A cached block with this hash, now referenced once more; None if absent."""
+        idx = self.by_hash.get(h)
+        if idx is None:
+            return None
+        b = self.blocks[idx]
+        if b.ref_count == 0:
+            self.free.pop(idx, None)
+        b.ref_count += 1
+        return b
+
+    def register(self, b: Block, h: bytes) -> None:
+        """Make a full block findable by its hash (a block with the same hash already cached wins)."""
+        if b.hash is None and h not in self.by_hash:
+            b.hash = h
+            self.by_hash[h] = b.index
+
+    def release(self, b: Block) -> None:
+        """Drop one reference; an unreferenced block joins the free queue as most recently used."""
+        if b.ref_count <= 0:
+            raise RuntimeError(f"block {b.index} released more often than taken")
+        b.ref_count -= 1
+        if b.ref_count == 0:
+            self.free[b.index] = None
+
+
+@dataclass
+class Sequence:
+    """One sequence's block table and the token ids whose KV it holds."""
+
+    blocks: list[Block] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
+
+
+class PagedLayer(CacheLayerMixin):
+    """One decoder layer's view of a sequence's blocks (a transformers cache layer)."""
+
+    is_sliding = False
+
+    def __init__(self, cache: "PagedKVCache", layer: int) -> None:
+        super().__init__()
+        self.cache, self.layer = cache, layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # the pool is preallocated
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        c = self.cache
+        if key_states.shape[0] != 1:
+            raise ValueError("the paged KV cache holds one sequence; batched prompts use the plain cache")
+        start = c.length(self.layer)
+        n = key_states.shape[-2]
+        c.ensure_capacity(start + n)
+        pool, bs = c.pool, c.pool.block_size
+        pos = start
+        while pos < start + n:
+            b = c.seq.blocks[pos // bs]
+            off = pos % bs
+            take = min(bs - off, start + n - pos)
+            src = slice(pos - start, pos - start + take)
+            pool.data[b.index, self.layer, 0, :, off : off + take] = key_states[0, :, src]
+            pool.data[b.index, self.layer, 1, :, off : off + take] = value_states[0, :, src]
+            pos += take
+        c.lengths[self.layer] = start + n
+        return c.gather(self.layer, start + n)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.length(self.layer)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache.lengths[self.layer] = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the paged KV cache does not crop")
+
+
+class PagedKVCache(Cache):
+    """A transformers ``Cache`` over one :class:`Sequence` of a :class:`BlockPool`."""
+
+    def __init__(self, pool: BlockPool, seq: Sequence, num_layers: int, cached_tokens: int = 0) -> None:
+        self.pool, self.seq = pool, seq
+        self.lengths = [cached_tokens] * num_layers
+        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+
+    def length(self, layer: int) -> int:
+        return self.lengths[layer]
+
+    def ensure_capacity(self, tokens: int) -> None:
+        while len(self.seq.blocks) * self.pool.block_size < tokens:
+            self.seq.blocks.append(self.pool.allocate())
+
+    def gather(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[1, kv_heads, tokens, head_dim]`` of this sequence at ``layer``."""
+        idx = torch.tensor([b.index for b in self.seq.blocks[: -(-tokens // self.pool.block_size)]])
+        kv = self.pool.data[idx, layer]  # [nblocks, 2, heads, bs, hd]
+        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], -1, kv.shape[-1])[:, :, :tokens]
+        return kv[0][None], kv[1][None]
+
+
+class PrefixCachingSession:
+    """Builds caches that reuse computed prefixes, and files their blocks afterwards.
+
+    Args:
+        pool: the block pool.
+        salt: what the KV depends on besides the tokens (variant id and compute dtype).
+        spill: optional :class:`cache.kvstore.KVSpillStore` for blocks evicted or finished.
+        num_layers: the model's layer count.
+    """
+
+    def __init__(self, pool: BlockPool, *, salt: str, num_layers: int, spill=None) -> None:
+        self.pool, self.salt, self.num_layers, self.spill = pool, salt, num_layers, spill
+        if spill is not None:
+            pool.on_evict = self._spill_one
+
+    def _spill_one(self, h: bytes, data: torch.Tensor) -> None:
+        self.spill.put(h, data)
+
+    def hashes(self, tokens: list[int]) -> list[bytes]:
+        out, parent = [], None
+        bs = self.pool.block_size
+        for i in range(len(tokens) // bs):
+            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs], self.salt)
+            out.append(parent)
+        return out
+
+    def start(self, tokens: list[int], *, reuse: bool = True) -> tuple[PagedKVCache, int, int]:
+        """A cache for ``tokens`` holding the longest reusable prefix.
+
+        Returns (cache, cached tokens, of which loaded from disk). At least the last token is
+        always left to prefill, so its logits are computed.
+        """
+        seq = Sequence()
+        bs = self.pool.block_size
+        cached = from_disk = 0
+        if reuse:
+            limit = (len(tokens) - 1) // bs  # full blocks that may be reused
+            for h in self.hashes(tokens)[:limit]:
+                b = self.pool.lookup(h)
+                if b is None and self.spill is not None:
+                    data = self.spill.get(h, shape=tuple(self.pool.data.shape[1:]), dtype=self.pool.data.dtype)
+                    if data is not None:
+                        b = self.pool.allocate()
+                        self.pool.data[b.index].copy_(data)
+                        self.pool.register(b, h)
+                        from_disk += bs
+                if b is None:
+                    break
+                seq.blocks.append(b)
+                seq.hashes.append(h)
+                cached += bs
+        seq.tokens = list(tokens[:cached])
+        return PagedKVCache(self.pool, seq, self.num_layers, cached), cached, from_disk
+
+    def finish(self, cache: PagedKVCache, tokens: list[int]) -> None:
+        """After a request: register its full blocks (``tokens`` = all tokens whose KV the
+        cache holds), write them to the spill store, and release the sequence's blocks."""
+        seq = cache.seq
+        held = min(len(tokens), min(cache.lengths))
+        bs = self.pool.block_size
+        hashes = self.hashes(tokens[:held])
+        for i, h in enumerate(hashes):
+            b = seq.blocks[i]
+            self.pool.register(b, h)
+            if self.spill is not None and b.hash == h:
+                self.spill.put(h, self.pool.data[b.index])
+        for b in seq.blocks:
+            self.pool.release(b)
+        seq.blocks = []
+        logger.debug("request filed: %d full blocks of %d tokens", len(hashes), bs)
