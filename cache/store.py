@@ -356,11 +356,12 @@ class LayerStore:
 
     def read_tensor(self, vid: str, entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Decode a whole tensor (stitching its row chunks), to ``dtype`` or its original dtype."""
-        if not entry.chunk_rows:
-            return decode_tensor(self.get_record(vid, entry.name), dtype)
         out = torch.empty(entry.shape, dtype=dtype or dtype_from_name(entry.dtype))
-        for k, rname in enumerate(entry.record_names()):
-            decode_tensor(self.get_record(vid, rname), out=out[k * entry.chunk_rows : (k + 1) * entry.chunk_rows])
+        rows = entry.chunk_rows or entry.shape[0] if entry.shape else 0
+        with self.reader() as r:  # decoded straight from the map: no copy of the record in between
+            for k, rname in enumerate(entry.record_names()):
+                dst = out[k * rows : (k + 1) * rows] if entry.chunk_rows else out
+                decode_tensor(r.get(vid, rname), out=dst)
         return out
 
     def iter_tensors(self, vid: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,7 +1,8 @@
 """Paged KV cache: fixed-size token blocks from a pool inside the memory budget, reused by
 token prefix, evicted least recently used, spilled to disk.
 
-* :class:`BlockPool` owns one preallocated tensor ``[blocks, layers, 2, kv_heads, block, head_dim]``.
+* :class:`BlockPool` owns one preallocated tensor ``[layers, 2, kv_heads, blocks, block, head_dim]``
+  (blocks inside, so one layer's blocks gather into a contiguous ``[2, heads, tokens, dim]`` in one copy).
   Blocks have reference counts. A full block is keyed by a hash chain
   ``hash(parent hash, its token ids, model/variant key)``, so equal prefixes map to equal
   blocks. Unreferenced blocks stay cached in an LRU free queue and are evicted oldest first
@@ -69,7 +70,7 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.block_size = block_size
-        self.data = torch.zeros(num_blocks, num_layers, 2, kv_heads, block_size, head_dim, dtype=dtype)
+        self.data = torch.zeros(num_layers, 2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # unreferenced blocks, least recently used first; cached (hashed) blocks stay findable until evicted
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -80,6 +81,15 @@ class BlockPool:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def block(self, idx: int) -> torch.Tensor:
+        """One block's KV for all layers, ``[layers, 2, heads, block, dim]`` (a view)."""
+        return self.data[:, :, :, idx]
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        d = self.data.shape
+        return (d[0], d[1], d[2], d[4], d[5])
 
     @property
     def bytes(self) -> int:
@@ -96,7 +106,7 @@ class BlockPool:
         b = self.blocks[idx]
         if b.hash is not None:
             if self.on_evict is not None:
-                self.on_evict(b.hash, self.data[idx])
+                self.on_evict(b.hash, self.block(idx))
             del self.by_hash[b.hash]
             b.hash = None
             self.evictions += 1
@@ -158,15 +168,15 @@ class PagedLayer(CacheLayerMixin):
         start = c.length(self.layer)
         n = key_states.shape[-2]
         c.ensure_capacity(start + n)
-        pool, bs = c.pool, c.pool.block_size
+        data, bs = c.pool.data[self.layer], c.pool.block_size  # [2, heads, blocks, bs, dim]
         pos = start
         while pos < start + n:
-            b = c.seq.blocks[pos // bs]
+            b = c.seq.blocks[pos // bs].index
             off = pos % bs
             take = min(bs - off, start + n - pos)
             src = slice(pos - start, pos - start + take)
-            pool.data[b.index, self.layer, 0, :, off : off + take] = key_states[0, :, src]
-            pool.data[b.index, self.layer, 1, :, off : off + take] = value_states[0, :, src]
+            data[0, :, b, off : off + take] = key_states[0, :, src]
+            data[1, :, b, off : off + take] = value_states[0, :, src]
             pos += take
         c.lengths[self.layer] = start + n
         return c.gather(self.layer, start + n)
@@ -192,6 +202,7 @@ class PagedKVCache(Cache):
 
     def __init__(self, pool: BlockPool, seq: Sequence, num_layers: int, cached_tokens: int = 0) -> None:
         self.pool, self.seq = pool, seq
+        self._idx: torch.Tensor | None = None
         self.lengths = [cached_tokens] * num_layers
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
 
@@ -202,11 +213,16 @@ class PagedKVCache(Cache):
         while len(self.seq.blocks) * self.pool.block_size < tokens:
             self.seq.blocks.append(self.pool.allocate())
 
+    def _index(self, nblocks: int) -> torch.Tensor:
+        if self._idx is None or len(self._idx) != nblocks:  # the table only changes when a block is added
+            self._idx = torch.tensor([b.index for b in self.seq.blocks[:nblocks]])
+        return self._idx
+
     def gather(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[1, kv_heads, tokens, head_dim]`` of this sequence at ``layer``."""
-        idx = torch.tensor([b.index for b in self.seq.blocks[: -(-tokens // self.pool.block_size)]])
-        kv = self.pool.data[idx, layer]  # [nblocks, 2, heads, bs, hd]
-        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], -1, kv.shape[-1])[:, :, :tokens]
+        nblocks = -(-tokens // self.pool.block_size)
+        kv = self.pool.data[layer].index_select(2, self._index(nblocks))  # [2, heads, nblocks, bs, dim], one copy
+        kv = kv.view(2, kv.shape[1], -1, kv.shape[-1])[:, :, :tokens]
         return kv[0][None], kv[1][None]
 
 
@@ -250,10 +266,10 @@ class PrefixCachingSession:
             for h in self.hashes(tokens)[:limit]:
                 b = self.pool.lookup(h)
                 if b is None and self.spill is not None:
-                    data = self.spill.get(h, shape=tuple(self.pool.data.shape[1:]), dtype=self.pool.data.dtype)
+                    data = self.spill.get(h, shape=self.pool.block_shape, dtype=self.pool.data.dtype)
                     if data is not None:
                         b = self.pool.allocate()
-                        self.pool.data[b.index].copy_(data)
+                        self.pool.block(b.index).copy_(data)
                         self.pool.register(b, h)
                         from_disk += bs
                 if b is None:
@@ -275,7 +291,7 @@ class PrefixCachingSession:
             b = seq.blocks[i]
             self.pool.register(b, h)
             if self.spill is not None and b.hash == h:
-                self.spill.put(h, self.pool.data[b.index])
+                self.spill.put(h, self.pool.block(b.index))
         for b in seq.blocks:
             self.pool.release(b)
         seq.blocks = []

@@ -96,6 +96,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             "plan": m.plan.describe(),
             "streamed_layers": len(m.plan.streamed_layers),
             "minimum_bytes": m.minimum_bytes,
+            "full_bytes": m.full_bytes,
             "packed_int4": bool(m.packed),
             "dtype": spec.get("dtype", "float32"),
             "text": r.text,
@@ -121,9 +122,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 offload_state_dict=True,
             ).eval()
         elif kind == "airllm":
-            from airllm import AutoModel  # noqa: F401  (raises ImportError when absent)
+            from airllm import AutoModel  # raises ImportError when absent
 
-            model = AutoModel.from_pretrained(spec["model"])
+            # as shipped, on this machine's device; its per-layer shards go to a scratch folder
+            shards = tempfile.mkdtemp(prefix="sli-bench-airllm-")
+            model = AutoModel.from_pretrained(spec["model"], device="cpu", layer_shards_saving_path=shards)
         else:
             raise ValueError(kind)
         ttft, rate, n = _time_hf_generate(model, ids, spec["new_tokens"])
@@ -255,16 +258,20 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
         budgets = [(f"{int(f * 100)}%", int(f * bf16_bytes)) for f in cfg.fractions]
         if cfg.with_minimum:
             budgets.append(("min", None))
+            budgets.insert(0, ("holds all", None))  # the least budget that keeps every weight resident
         for label, b in budgets:
             spec = {"kind": "sli", "model": cfg.model, "mode": mode, "cache_dir": cfg.cache_dir, "budget": b, "prompt": cfg.prompt,
                     "new_tokens": cfg.new_tokens, "dtype": cfg.dtype, "context_tokens": cfg.context_tokens}
             specs.append((Point("sli", mode, b, label), spec))
     minimum: dict[str, int] = {}
+    full: dict[str, int] = {}
+    # run the fixed budgets first: they tell the minimum and the all-resident budget of each mode
+    specs.sort(key=lambda ps: ps[0].system == "sli" and ps[1]["budget"] is None)
     for p, spec in specs:
         if p.system == "sli" and spec["budget"] is None:
-            spec["budget"] = minimum.get(p.mode)
+            spec["budget"] = (full if p.label == "holds all" else minimum).get(p.mode)
             if spec["budget"] is None:
-                p.error = "minimum unknown (no other point of this mode ran)"
+                p.error = "budget unknown (no other point of this mode ran)"
                 points.append(p)
                 continue
             p.budget_bytes = spec["budget"]
@@ -272,12 +279,16 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
         p.result, p.error = _run_point(spec, cfg.timeout_s)
         if p.system == "sli" and "minimum_bytes" in p.result:
             minimum.setdefault(p.mode, p.result["minimum_bytes"])
+            full.setdefault(p.mode, p.result["full_bytes"])
         if p.error and "below the" in p.error and p.system == "sli":
             p.error = "budget below this mode's minimum"
         logger.info("%s %s %s: %s (%.0fs)", p.system, p.mode, p.label, p.error or f"{p.result.get('decode_tok_s', 0):.2f} tok/s", time.perf_counter() - t0)
         if progress:
             progress(p)
         points.append(p)
+    order = {id(p): i for i, (p, _) in enumerate(sorted(specs, key=lambda ps: (ps[0].system == "sli", ps[0].mode)))}
+    points.sort(key=lambda p: (p.system == "sli", cfg.modes.index(p.mode) if p.mode in cfg.modes else -1,
+                               -(p.budget_bytes or 0), order.get(id(p), 0)))
     _add_ratios(points)
     return points
 
@@ -352,13 +363,15 @@ def plot(points: list[Point], path: Path) -> str:
         pts = sorted((p.budget_bytes / 1e6, p.result["decode_tok_s"]) for p in points if p.system == "sli" and p.mode == mode and not p.error)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=f"sli {mode}")
+    peer_styles = iter([("black", "--"), ("gray", ":"), ("purple", "-."), ("brown", "--")])
     for p in points:
         if p.system == "sli" or p.error:
             continue
+        color, style = next(peer_styles, ("black", "--"))
         if p.budget_bytes:
-            ax.scatter([p.budget_bytes / 1e6], [p.result["decode_tok_s"]], marker="s", s=60, label=p.label, zorder=3)
+            ax.scatter([p.budget_bytes / 1e6], [p.result["decode_tok_s"]], marker="s", s=60, color=color, label=p.label, zorder=3)
         else:
-            ax.axhline(p.result["decode_tok_s"], linestyle="--", linewidth=1, label=p.label)
+            ax.axhline(p.result["decode_tok_s"], linestyle=style, color=color, linewidth=1, label=p.label)
     ax.set_xscale("log")
     ax.set_xlabel("memory budget (MB, log)")
     ax.set_ylabel("decode tokens/s")

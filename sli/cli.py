@@ -194,7 +194,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         cache_dir=a.cache or str(sli_home() / "cache"),
         out_dir=a.out,
         new_tokens=a.new_tokens,
-        modes=tuple(a.modes.split(",")),
+        modes=tuple(x for x in a.modes.split(",") if x),
         peers=tuple(x for x in a.peers.split(",") if x),
         dtype=a.dtype,
     )

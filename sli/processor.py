@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ from sli.config import AdaptiveQuantizer, QuantizationConfig, default_registry
 from sli.fetch import resolve_model, sli_home
 from sli.sources import ModelSource, open_source
 from sli.writer import QuantizationReport, quantize_model, variant_id
+
+if TYPE_CHECKING:
+    from sli.chat import ChatSession
 
 logger = logging.getLogger(__name__)
 
@@ -290,18 +294,26 @@ class UniversalSLIProcessor:
             repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos,
         )
         out = out if out is not None else GenerationOutput()
-        emitted = ""
+        emitted = ""  # text yielded so far
+        text = ""  # text decoded so far
+        prefix_offset = read_offset = 0  # incremental detokenizing: decode only a short window per token
         hold = max((len(s) for s in stop), default=0) if stop else 0
         session = self.prefix_session()
         for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop), prefix_cache=session, reuse=prefix_cache):
-            text = _cut_at_stop(tok.decode(out.token_ids, skip_special_tokens=True), stop)
-            # hold back a split multi-byte char, and what could be the start of a stop string
-            ready = len(text) - hold if out.stats.stop_reason == "" and hold else len(text)
-            if ready > len(emitted) and not text[:ready].endswith("\ufffd"):
-                yield text[len(emitted) : ready]
-                emitted = text[:ready]
+            toks = out.token_ids
+            before = tok.decode(toks[prefix_offset:read_offset], skip_special_tokens=True)
+            after = tok.decode(toks[prefix_offset:], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd"):  # hold back a split multi-byte char
+                text += after[len(before) :]
+                prefix_offset, read_offset = read_offset, len(toks)
+            cut = _cut_at_stop(text, stop)
+            # hold back what could be the start of a stop string
+            ready = len(cut) - hold if out.stats.stop_reason == "" and hold and cut == text else len(cut)
+            if ready > len(emitted):
+                yield cut[len(emitted) : ready]
+                emitted = cut[:ready]
         text = _cut_at_stop(tok.decode(out.token_ids, skip_special_tokens=True), stop)
-        if len(text) > len(emitted):
+        if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted) :]
 
     def generate(self, prompt: str | list[str] | list[int], *, stop: list[str] | None = None, **kwargs) -> GenerationResult:
