@@ -96,6 +96,17 @@ def test_spilled_blocks_restore_in_a_new_process_and_corrupt_ones_are_recomputed
 
     ids, cached, disk = json.loads(out.stdout.strip().splitlines()[-1])
     assert ids == want.token_ids and cached == disk == 64
+    # restored blocks give the logits of a fresh prefill (a new pool in this process, blocks from disk)
+    from runtime.generate import prefill
+
+    p = UniversalSLIProcessor(path, **kw)
+    session = p.prefix_session()
+    cache, cached, disk = session.start(prompt)
+    assert cached == disk == 64
+    got, cache = prefill(p.model, torch.tensor([prompt[cached:]]), cache=cache)
+    session.finish(cache, prompt)
+    assert (got - p.model.logits(torch.tensor([prompt]))[:, -1]).abs().max().item() < 1e-4
+    p.close()
     # corrupt every spilled block: they are recomputed, never served
     store = KVSpillStore(tmp_path / "c" / "kv-spill")
     with store.env.begin(write=True) as txn:
