@@ -286,7 +286,7 @@ class UniversalSLIProcessor:
         (unless ``ignore_eos``, for benchmarks) or after a stop string (not part of the text).
         The KV lives in the paged pool and the longest prefix computed before (in this
         process, or spilled to disk by an earlier one) is reused; ``prefix_cache=False``
-        turns reuse off for this call. ``out.stats`` reports cached and prefilled tokens."""
+        turns reuse off for this call (a plain KV cache: nothing reused, nothing filed). ``out.stats`` reports cached and prefilled tokens."""
         tok = self.tokenizer
         ids = torch.tensor([list(prompt) if not isinstance(prompt, str) else tok(prompt)["input_ids"]])
         cfg = self._sampling(
@@ -298,8 +298,8 @@ class UniversalSLIProcessor:
         text = ""  # text decoded so far
         prefix_offset = read_offset = 0  # incremental detokenizing: decode only a short window per token
         hold = max((len(s) for s in stop), default=0) if stop else 0
-        session = self.prefix_session()
-        for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop), prefix_cache=session, reuse=prefix_cache):
+        session = self.prefix_session() if prefix_cache else None  # off: a plain cache, nothing reused or filed
+        for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop), prefix_cache=session):
             toks = out.token_ids
             before = tok.decode(toks[prefix_offset:read_offset], skip_special_tokens=True)
             after = tok.decode(toks[prefix_offset:], skip_special_tokens=True)
