@@ -24,9 +24,9 @@ model: setup
 	$(SLI) fetch-model
 
 demo: model
-	$(SLI) quantize SmolLM2-135M-Instruct --mode int4 --cache $(DEMO_CACHE) --validate-memory
+	$(SLI) quantize SmolLM2-135M-Instruct --mode int4 --group-size 32 --cache $(DEMO_CACHE) --validate-memory
 	$(SLI) inspect $(DEMO_CACHE) --verify
-	$(SLI) generate $(DEMO_CACHE) --mode int4 --dtype bfloat16 --memory-budget 64MB --max-new-tokens 32 \
+	$(SLI) generate $(DEMO_CACHE) --mode int4 --group-size 32 --dtype bfloat16 --memory-budget 64MB --max-new-tokens 32 \
 		--prompt "Question: What is the capital of France? Answer:"
 
 test: model

@@ -200,10 +200,10 @@ def worker_main() -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         res = _worker(spec)
-        print("SLI-BENCH-RESULT " + json.dumps(res))
+        sys.stdout.write("SLI-BENCH-RESULT " + json.dumps(res) + "\n")  # the worker's reply to run_bench
         return 0
     except ImportError as e:
-        print("SLI-BENCH-RESULT " + json.dumps({"error": f"not installed: {e}"}))
+        sys.stdout.write("SLI-BENCH-RESULT " + json.dumps({"error": f"not installed: {e}"}) + "\n")
         return 0
 
 
