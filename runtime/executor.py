@@ -137,7 +137,7 @@ class _ChunkedHead(nn.Module):
         else:
             pending = o._submit_chunk(e, 0, 0)
             for k in range(n):
-                w, _ = o._await_chunk(e, k, pending)
+                w = o._await_chunk(pending)
                 pending = o._submit_chunk(e, k + 1, (k + 1) % 2) if k + 1 < n else None
                 out[..., k * rows_per : k * rows_per + w.shape[0]] = F.linear(hidden, w)
         if self.bias is not None:
@@ -398,19 +398,18 @@ class StreamingModel:
             self._chunk_bufs = [torch.empty(n, dtype=self.dtype) for _ in range(2)]
         return self._chunk_bufs
 
+    def _chunk_view(self, e: TensorEntry, rows: int, buf: int) -> torch.Tensor:
+        """``rows`` rows of ``e`` in chunk buffer ``buf``."""
+        return self._chunk_buffers()[buf][: rows * math.prod(e.shape[1:])].view(rows, *e.shape[1:])
+
     def _decode_chunk(self, e: TensorEntry, k: int, buf: int) -> tuple[torch.Tensor, int, float]:
-        """Decode row chunk ``k`` of ``e`` into chunk buffer ``buf``; (rows, stored bytes, seconds)."""
+        """Decode row chunk ``k`` of ``e`` into chunk buffer ``buf`` (on the prefetch thread);
+        (rows, stored bytes, seconds)."""
         t0 = time.perf_counter()
-        rows_per = e.chunk_rows or e.shape[0]
-        rows = min(rows_per, e.shape[0] - k * rows_per)
-        shape = [rows, *e.shape[1:]]
-        out = self._chunk_buffers()[buf][: math.prod(shape)].view(shape)
-        name = e.record_names()[k]
         with self.store.reader() as r:
-            enc = r.get(self.variant_id, name)
-            decode_tensor(enc, out=out)
-        stored = e.stored_bytes // e.num_chunks  # records of a tensor's chunks are near equal
-        return out, stored, time.perf_counter() - t0
+            enc = r.get(self.variant_id, e.record_names()[k])
+            out = decode_tensor(enc, out=self._chunk_view(e, enc.shape[0], buf))
+        return out, e.stored_bytes // e.num_chunks, time.perf_counter() - t0  # a tensor's chunks are near equal
 
     def _apply_chunk(self, e: TensorEntry, k: int, fn) -> None:
         """Call ``fn(weight rows)`` on row chunk ``k``. An uncompressed record already in the
@@ -423,25 +422,21 @@ class StreamingModel:
             if data is not None and data.dtype == self.dtype:
                 w = data.view(-1, *e.shape[1:])
             else:
-                rows = enc.shape[0]
-                w = self._chunk_buffers()[0][: rows * math.prod(e.shape[1:])].view(rows, *e.shape[1:])
-                decode_tensor(enc, out=w)
+                w = decode_tensor(enc, out=self._chunk_view(e, enc.shape[0], 0))
             self.stats.chunks_loaded += 1
             self._account(e.stored_bytes // e.num_chunks, time.perf_counter() - t0)
             fn(w)
 
-    def _submit_chunk(self, e: TensorEntry, k: int, buf: int) -> Future | tuple:
-        if self._pool is None:
-            return self._decode_chunk(e, k, buf)
+    def _submit_chunk(self, e: TensorEntry, k: int, buf: int) -> Future:
         return self._pool.submit(self._decode_chunk, e, k, buf)
 
-    def _await_chunk(self, e: TensorEntry, k: int, pending) -> tuple[torch.Tensor, float]:
+    def _await_chunk(self, pending: Future) -> torch.Tensor:
         t0 = time.perf_counter()
-        out, stored, seconds = pending.result() if isinstance(pending, Future) else pending
-        self.stats.wait_seconds += time.perf_counter() - t0 if isinstance(pending, Future) else seconds
+        out, stored, seconds = pending.result()
+        self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.chunks_loaded += 1
         self._account(stored, seconds)
-        return out, seconds
+        return out
 
     def _stream_embeddings(self) -> None:
         """Look token embeddings up chunk by chunk: before the embedding module runs, its

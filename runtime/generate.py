@@ -190,14 +190,13 @@ def stream(
     attention_mask: torch.Tensor | None = None,
     should_stop: StopFn | None = None,
     prefix_cache=None,
-    reuse: bool = True,
 ) -> Iterator[Step]:
     """Yield new tokens step by step for a batch ``[batch, seq]`` (left-padded with
     ``attention_mask``); fills ``out`` (tokens and stats) as it goes. A sequence finishes at a
     stop token or when ``should_stop(row, its new tokens)`` says so; the loop ends when all have.
     With ``prefix_cache`` (a :class:`runtime.kv.PrefixCachingSession`, one sequence only) the
-    KV lives in the paged pool: the longest cached prefix is reused (unless ``reuse`` is
-    False) and only the rest is prefilled; afterwards the request's blocks are filed.
+    KV lives in the paged pool: the longest cached prefix is reused and only the rest is
+    prefilled; afterwards the request's blocks are filed.
 
     Raises:
         ValueError: empty prompt, or longer than the context or the budget's KV reservation.
@@ -228,7 +227,7 @@ def stream(
             return
         cached = 0
         if prefix_cache is not None:
-            cache, cached, stats.disk_cached_tokens = prefix_cache.start(prompt, reuse=reuse)
+            cache, cached, stats.disk_cached_tokens = prefix_cache.start(prompt)
         stats.cached_tokens, stats.prefill_tokens = cached, stats.prompt_tokens - cached
         logits, cache = prefill(model, input_ids[:, cached:], attention_mask, cache=cache)
         tok = choose(seen, logits)

@@ -252,7 +252,7 @@ class PrefixCachingSession:
             out.append(parent)
         return out
 
-    def start(self, tokens: list[int], *, reuse: bool = True) -> tuple[PagedKVCache, int, int]:
+    def start(self, tokens: list[int]) -> tuple[PagedKVCache, int, int]:
         """A cache for ``tokens`` holding the longest reusable prefix.
 
         Returns (cache, cached tokens, of which loaded from disk). At least the last token is
@@ -261,22 +261,21 @@ class PrefixCachingSession:
         seq = Sequence()
         bs = self.pool.block_size
         cached = from_disk = 0
-        if reuse:
-            limit = (len(tokens) - 1) // bs  # full blocks that may be reused
-            for h in self.hashes(tokens)[:limit]:
-                b = self.pool.lookup(h)
-                if b is None and self.spill is not None:
-                    data = self.spill.get(h, shape=self.pool.block_shape, dtype=self.pool.data.dtype)
-                    if data is not None:
-                        b = self.pool.allocate()
-                        self.pool.block(b.index).copy_(data)
-                        self.pool.register(b, h)
-                        from_disk += bs
-                if b is None:
-                    break
-                seq.blocks.append(b)
-                seq.hashes.append(h)
-                cached += bs
+        limit = (len(tokens) - 1) // bs  # full blocks that may be reused
+        for h in self.hashes(tokens)[:limit]:
+            b = self.pool.lookup(h)
+            if b is None and self.spill is not None:
+                data = self.spill.get(h, shape=self.pool.block_shape, dtype=self.pool.data.dtype)
+                if data is not None:
+                    b = self.pool.allocate()
+                    self.pool.block(b.index).copy_(data)
+                    self.pool.register(b, h)
+                    from_disk += bs
+            if b is None:
+                break
+            seq.blocks.append(b)
+            seq.hashes.append(h)
+            cached += bs
         seq.tokens = list(tokens[:cached])
         return PagedKVCache(self.pool, seq, self.num_layers, cached), cached, from_disk
 

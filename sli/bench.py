@@ -286,9 +286,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
         if progress:
             progress(p)
         points.append(p)
-    order = {id(p): i for i, (p, _) in enumerate(sorted(specs, key=lambda ps: (ps[0].system == "sli", ps[0].mode)))}
-    points.sort(key=lambda p: (p.system == "sli", cfg.modes.index(p.mode) if p.mode in cfg.modes else -1,
-                               -(p.budget_bytes or 0), order.get(id(p), 0)))
+    # peers first (in run order: the sort is stable), then each mode from the largest budget down
+    points.sort(key=lambda p: (p.system == "sli", cfg.modes.index(p.mode) if p.system == "sli" else 0, -(p.budget_bytes or 0)))
     _add_ratios(points)
     return points
 

@@ -185,7 +185,7 @@ class UniversalSLIProcessor:
         """The streaming model; quantizes first when the cache lacks this variant."""
         if self._model is None:
             # quantize() builds or finishes the variant, and returns at once when it is complete
-            vid = self.variant_id if self.cache_only or self._variant_complete() else self.quantize().variant_id
+            vid = self.variant_id if self.cache_only else self.quantize().variant_id
             self._store = LayerStore(self.cache_dir, readonly=True)
             budget = self.memory_budget if self.memory_budget is not None else 1 << 50
             self._model = StreamingModel(
