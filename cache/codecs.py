@@ -218,11 +218,7 @@ class GroupIntCodec(Codec):
         scale = scale.to(scale_dtype)
         lo = lo.to(scale_dtype)
         q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp_(0, self.levels).to(torch.uint8)
-        params = {"group_size": group_size, "bits": self.bits}
-        if self.bits == 4 and tinygemm_eligible(rows, cols, group_size):
-            packed = pack_tinygemm(q.reshape(rows, cols))
-            parts = {"packed": packed, "scale": scale.contiguous(), "offset": lo.contiguous()}
-            return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params | {"layout": "tinygemm"})
+        params = {"group_size": group_size, "bits": self.bits, "layout": "planar"}
         # planar layout: byte j of a row holds codes j, j + w, j + 2w ... (w = cols_padded / per_byte),
         # so decoding writes contiguous runs instead of interleaving
         q = q.reshape(rows, self.per_byte, -1)  # [rows, per_byte, cols_padded / per_byte]
@@ -230,19 +226,17 @@ class GroupIntCodec(Codec):
         for i in range(self.per_byte):
             packed |= q[:, i, :] << (i * self.bits)
         parts = {"packed": packed.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
-        params["layout"] = "planar"
         return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
 
-    def unpack(self, enc: EncodedTensor) -> torch.Tensor:
-        """Return the integer codes ``[rows, cols_padded]`` as uint8."""
-        packed = enc.parts["packed"]
-        if enc.params.get("layout") == "tinygemm":
-            return unpack_tinygemm(packed, *enc.shape)
-        planes = [(packed >> (i * self.bits)) & self.levels for i in range(self.per_byte)]
-        if enc.params.get("layout") == "planar":
-            return torch.cat(planes, dim=1)
-        # records written before the planar layout: codes interleaved low bits first
-        return torch.stack(planes, dim=-1).reshape(packed.shape[0], -1)
+    def _check_layout(self, enc: EncodedTensor) -> None:
+        if enc.params.get("layout") != "planar":
+            raise ValueError(f"{self.name.value} record has layout {enc.params.get('layout')!r}; this sli reads 'planar' only")
+
+    def unpack(self, enc: EncodedTensor, rows: slice | None = None) -> torch.Tensor:
+        """Return the integer codes ``[rows, cols_padded]`` as uint8 (``rows``: a slice of them)."""
+        self._check_layout(enc)
+        packed = enc.parts["packed"] if rows is None else enc.parts["packed"][rows]
+        return torch.cat([(packed >> (i * self.bits)) & self.levels for i in range(self.per_byte)], dim=1)
 
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         rows, cols = enc.shape
@@ -256,20 +250,7 @@ class GroupIntCodec(Codec):
         gs = enc.params["group_size"]
         packed = enc.parts["packed"]
         w = packed.shape[1]
-        if enc.params.get("layout") == "tinygemm":
-            b = packed.view(rows // 32, cols, 16)
-            dst = out.view(rows // 32, 2, 16, cols)
-            plane = torch.empty_like(b)
-            for h in range(2):
-                torch.bitwise_right_shift(b, 4 * h, out=plane)
-                plane.bitwise_and_(15)
-                dst[:, h].copy_(plane.transpose(1, 2))
-            del plane
-            g = out.view(rows, -1, gs)
-            g.mul_(enc.parts["scale"].to(out.dtype)[..., None]).add_(enc.parts["offset"].to(out.dtype)[..., None])
-            return out
-        if enc.params.get("layout") != "planar":  # records written before the planar layout
-            return out.copy_(self.decode(enc, out.dtype))
+        self._check_layout(enc)
         plane = torch.empty_like(packed)
         for i in range(self.per_byte):
             lo, hi = i * w, min((i + 1) * w, cols)  # the padding sits at the end of the last plane
@@ -287,40 +268,6 @@ class GroupIntCodec(Codec):
         if full * gs < cols:  # a last, partial group
             out[:, full * gs :].mul_(scale[:, full:, None].squeeze(-1)).add_(offset[:, full:, None].squeeze(-1))
         return out
-
-
-# -- torch's CPU int4 kernel layout ("tinygemm") -----------------------------------------------
-# ``torch._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by 4-bit weights packed
-# by ``torch._convert_weight_to_int4pack_for_cpu``: for rows n = 32a + 16h + j, byte
-# ``[a, k, j]`` holds the code of (n, k) in its low nibble when h = 0 and high nibble when
-# h = 1. Records of eligible int4 tensors are stored this way, so the runtime can hand them
-# to the kernel as they are. (Layout established against torch's own packer in the tests.)
-TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
-
-
-def tinygemm_eligible(rows: int, cols: int, group_size: int) -> bool:
-    return rows % 32 == 0 and cols % group_size == 0 and group_size in TINYGEMM_GROUP_SIZES and cols % 2 == 0
-
-
-def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:
-    """Codes ``[N, K]`` in 0..15 to the kernel's ``[N, K / 2]`` uint8 layout."""
-    n, k = q.shape
-    q = q.to(torch.uint8).view(n // 32, 2, 16, k)
-    return (q[:, 0].transpose(1, 2) | (q[:, 1].transpose(1, 2) << 4)).contiguous().view(n, k // 2)
-
-
-def unpack_tinygemm(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_tinygemm`: codes ``[N, K]`` as uint8."""
-    b = packed.reshape(n // 32, k, 16)
-    return torch.stack([(b & 15).transpose(1, 2), (b >> 4).transpose(1, 2)], dim=1).reshape(n, k)
-
-
-def tinygemm_scales_and_zeros(enc: EncodedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The kernel's ``[K / group, N, 2]`` (scale, zero) with ``w = (q - 8) * scale + zero``,
-    from the codec's ``w = q * scale + offset``."""
-    scale = enc.parts["scale"].float()
-    zero = enc.parts["offset"].float() + 8 * scale
-    return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
 _CODECS: dict[CodecName, Codec] = {

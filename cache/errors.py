@@ -39,3 +39,13 @@ class VariantNotFoundError(CacheError):
 
 class MapResized(CacheError):
     """The LMDB map was full and has been grown: the aborted transaction must be redone."""
+
+
+class TruncatedCacheError(CacheError):
+    """The cache's data file is shorter than the LMDB environment says it must be (a partial
+    copy, or a disk that lost its tail). Mapping it would kill the process with SIGBUS."""
+
+
+class DiskFullError(CacheError):
+    """Too little free space on the cache's file system for the next write. Everything
+    committed before it is kept: the same command resumes once there is room."""

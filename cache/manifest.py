@@ -9,7 +9,25 @@ from typing import Any
 from cache.record import RECORD_FORMAT_VERSION
 
 # Version of the store layout (keys, manifest schema). Bump on any incompatible change.
-STORE_FORMAT_VERSION = 2  # 2: vocabulary-sized tensors stored in row chunks
+# 2: vocabulary-sized tensors stored in row chunks
+# 3: int4 records only in the portable planar layout (format 2 could hold torch's AVX2 pack,
+#    which other CPUs read wrongly); tensor entries carry their codec's parameters
+STORE_FORMAT_VERSION = 3
+
+# Group names: the units written in one transaction and streamed as one. Part of the format.
+EMBED_GROUP = "embed"  # token embeddings and whatever runs before the first layer
+HEAD_GROUP = "head"  # final norm and output projection
+LAYER_GROUP_PREFIX = "layer."
+
+
+def layer_group(i: int) -> str:
+    """The group name of decoder layer ``i``."""
+    return f"{LAYER_GROUP_PREFIX}{i}"
+
+
+def layer_index(group: str) -> int | None:
+    """Decoder layer index of a group name, or None for the embeddings and the head."""
+    return int(group[len(LAYER_GROUP_PREFIX) :]) if group.startswith(LAYER_GROUP_PREFIX) else None
 
 
 @dataclass
@@ -29,6 +47,7 @@ class TensorEntry:
     max_abs_err: float
     # rows per record when the tensor is stored in row chunks (records ``<name>#<k>``), else 0
     chunk_rows: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # the codec's parameters (group_size, ...)
 
     @property
     def num_chunks(self) -> int:

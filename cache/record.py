@@ -25,7 +25,7 @@ import zstandard
 from cache.errors import CacheFormatError, CorruptRecordError
 
 RECORD_MAGIC = b"SLIR"
-RECORD_FORMAT_VERSION = 1
+RECORD_FORMAT_VERSION = 2  # 2: int4 codes only in the portable planar layout
 _PREFIX = struct.Struct("<4sII")  # magic, header_len, header_crc
 
 # zstd is kept only when it saves at least this share of the raw bytes. Streamed records are

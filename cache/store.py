@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,7 +30,15 @@ import lmdb
 import torch
 
 from cache.codecs import decode_tensor
-from cache.errors import CacheFormatError, CacheMismatchError, CorruptRecordError, MapResized, VariantNotFoundError
+from cache.errors import (
+    CacheFormatError,
+    CacheMismatchError,
+    CorruptRecordError,
+    DiskFullError,
+    MapResized,
+    TruncatedCacheError,
+    VariantNotFoundError,
+)
 from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest, TensorEntry
 from cache.record import EncodedTensor, decode_record, dtype_from_name
 
@@ -36,6 +46,62 @@ logger = logging.getLogger(__name__)
 
 _INITIAL_MAP_SIZE = 256 << 20
 _DATA_FILE = "data.mdb"
+# Free space kept on the cache's file system beyond what a write needs: LMDB also writes
+# B-tree pages and two meta pages per commit, and a file system needs room of its own.
+DISK_MARGIN = 32 << 20
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (a seam for tests)."""
+    return shutil.disk_usage(path).free
+
+
+def _check_not_truncated(path: Path) -> None:
+    """Compare the data file's size with the environment's own record of the pages it uses,
+    before anything maps the file: a page past the end of a mapped file is a SIGBUS, not an
+    error. The environment is opened read-only and without the lock file (nothing is
+    written); its meta pages are read by LMDB itself.
+
+    Raises:
+        TruncatedCacheError: the file ends before the last page in use.
+        CacheFormatError: the file is not an LMDB environment at all.
+    """
+    data = path / _DATA_FILE
+    if not data.exists():
+        return
+    have = data.stat().st_size
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=4, readahead=False)
+    except lmdb.Error as e:
+        raise CacheFormatError(
+            f"{data} ({have} bytes) is not a readable LMDB environment ({e}): a partial copy or another file. "
+            f"Copy the cache again, or delete it (`rm -r {shlex.quote(str(path))}`) and run `sli quantize` again"
+        ) from e
+    try:
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    finally:
+        env.close()
+    if have < need:
+        raise TruncatedCacheError(
+            f"{data} is {have} bytes but its environment uses {need} bytes ({need - have} missing): "
+            "the file was cut short (a partial copy or a full disk). Copy the cache again, or delete it "
+            f"(`rm -r {shlex.quote(str(path))}`) and run `sli quantize` again"
+        )
+
+
+def check_free_space(path: Path, need: int, what: str) -> None:
+    """Raise :class:`DiskFullError` unless ``need`` bytes plus :data:`DISK_MARGIN` are free at ``path``.
+
+    With a writable memory map, a write that finds the disk full is a SIGBUS, so this is
+    asked before every write, with the size of what is about to be written."""
+    free = _free_bytes(path)
+    if free < need + DISK_MARGIN:
+        raise DiskFullError(
+            f"the disk holding {path} has {free / 2**20:.1f} MiB free; writing {what} needs "
+            f"{need / 2**20:.1f} MiB plus a {DISK_MARGIN >> 20} MiB margin. Free some space or choose "
+            "another cache directory (--cache); what is already written is kept and the same "
+            "command resumes from there"
+        )
 
 
 def _k(s: str) -> bytes:
@@ -64,6 +130,7 @@ def _acquire_env(path: Path, *, readonly: bool) -> lmdb.Environment:
                 )
             shared.users += 1
             return shared.env
+        _check_not_truncated(path)
         existing = (path / _DATA_FILE).stat().st_size if (path / _DATA_FILE).exists() else 0
         try:
             env = lmdb.open(
@@ -124,9 +191,13 @@ class LayerStore:
             self.path.mkdir(parents=True, exist_ok=True)
         self.env = _acquire_env(self.path, readonly=readonly)
         self._closed = False
-        self._meta = self.env.open_db(b"meta", create=not readonly)
-        self._tensors = self.env.open_db(b"tensors", create=not readonly)
-        self._check_format()
+        try:
+            self._meta = self.env.open_db(b"meta", create=not readonly)
+            self._tensors = self.env.open_db(b"tensors", create=not readonly)
+            self._check_format()
+        except BaseException:
+            self.close()
+            raise
 
     # -- housekeeping -------------------------------------------------------------------
     def _check_format(self) -> None:
@@ -144,8 +215,30 @@ class LayerStore:
         if version != STORE_FORMAT_VERSION:
             raise CacheFormatError(
                 f"cache {self.path} was written with store format {version}, this sli reads format "
-                f"{STORE_FORMAT_VERSION}; delete it (`rm -r {self.path}`) and run `sli quantize` again"
+                f"{STORE_FORMAT_VERSION}. Rebuild it: {self.rebuild_commands()}"
             )
+
+    def rebuild_commands(self) -> str:
+        """The shell commands that rebuild this cache's variants from their sources (read
+        from the raw metadata, so they work on a cache of any format version)."""
+        q = shlex.quote(str(self.path))
+        cmds = [f"rm -r {q}"]
+        with self.env.begin(db=self._meta) as txn:
+            cur = txn.cursor()
+            if cur.set_range(b"variant/"):
+                for key, raw in cur:
+                    if not key.startswith(b"variant/"):
+                        break
+                    if not key.endswith(b"/manifest"):
+                        continue
+                    try:
+                        m = json.loads(raw)
+                        cmds.append(_quantize_command(m["source"]["path"], m["quantization"], q))
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        if len(cmds) == 1:
+            cmds.append(f"sli quantize MODEL --mode MODE --cache {q}")
+        return " && ".join(cmds)
 
     def close(self) -> None:
         if not self._closed:
@@ -164,6 +257,7 @@ class LayerStore:
 
     def _reserve(self, need: int) -> None:
         """Grow the map ahead of a transaction expected to write about ``need`` bytes."""
+        check_free_space(self.path, 0, "a transaction")
         info, stat = self.env.info(), self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
         # headroom: LMDB copies touched pages on write, so reserve twice the payload
@@ -174,7 +268,9 @@ class LayerStore:
         """Write all items in one transaction, growing the map until they fit."""
         if self.readonly:
             raise PermissionError(f"cache {self.path} is open read-only")
-        self._reserve(sum(len(v) + len(k) for (_, k), v in items.items()))
+        size = sum(len(v) + len(k) for (_, k), v in items.items())
+        check_free_space(self.path, size, f"{len(items)} metadata entries")
+        self._reserve(size)
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -383,6 +479,18 @@ class LayerStore:
                             break
 
 
+def _quantize_command(source: str, quant: dict[str, Any], cache: str) -> str:
+    """`sli quantize` for a stored quantization dict (a plain config or an adaptive one)."""
+    cmd = f"sli quantize {shlex.quote(source)}"
+    if quant.get("kind") == "adaptive":
+        cmd += " --mixed"
+    else:
+        cmd += f" --mode {quant.get('mode', 'nf4')}"
+        if quant.get("mode") in ("int4", "int2") and quant.get("group_size"):
+            cmd += f" --group-size {quant['group_size']}"
+    return f"{cmd} --cache {cache}"
+
+
 class GroupWriter:
     """Puts one group's records inside an open write transaction (see :meth:`LayerStore.write_group`)."""
 
@@ -391,6 +499,7 @@ class GroupWriter:
         self.finished = False
 
     def put(self, name: str, record: bytes) -> None:
+        check_free_space(self._store.path, len(record), f"record {name} of {self._group}")
         self._txn.put(_k(f"{self._vid}/{name}"), record, db=self._store._tensors)
 
     def finish(self, entry: GroupEntry) -> None:

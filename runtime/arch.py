@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-EMBED_GROUP = "embed"
-HEAD_GROUP = "head"
+from cache.manifest import EMBED_GROUP, HEAD_GROUP, layer_group
+
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -36,13 +36,13 @@ class ArchSpec:
         """The streaming unit a tensor belongs to: ``embed``, ``layer.<i>`` or ``head``."""
         m = re.match(re.escape(self.layers) + r"\.(\d+)\.", tensor_name)
         if m:
-            return f"layer.{int(m.group(1))}"
+            return layer_group(int(m.group(1)))
         if tensor_name.startswith(self.norm + ".") or tensor_name.startswith(self.head + "."):
             return HEAD_GROUP
         return EMBED_GROUP
 
     def group_order(self, num_layers: int) -> list[str]:
-        return [EMBED_GROUP, *(f"layer.{i}" for i in range(num_layers)), HEAD_GROUP]
+        return [EMBED_GROUP, *(layer_group(i) for i in range(num_layers)), HEAD_GROUP]
 
 
 _LLAMA_LIKE = ArchSpec()

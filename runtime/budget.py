@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cache.manifest import layer_index
 from runtime.memory import format_size, parse_size
 
 MIN_SLOTS = 2
@@ -61,11 +62,11 @@ class BudgetPlan:
 
     @property
     def planned_bytes(self) -> int:
-        slots = self.num_slots * self.slot_bytes if any(n.startswith("layer.") for n in self.streamed) else 0
+        slots = self.num_slots * self.slot_bytes if any(layer_index(n) is not None for n in self.streamed) else 0
         return self.fixed_bytes + slots + self.resident_bytes
 
     def layer_indices(self, which: tuple[str, ...]) -> tuple[int, ...]:
-        return tuple(int(n.split(".", 1)[1]) for n in which if n.startswith("layer."))
+        return tuple(layer_index(n) for n in which if layer_index(n) is not None)
 
     @property
     def resident_layers(self) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ uncompressed payloads), so a layer load allocates at most one tensor's temporari
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,9 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from cache.codecs import CodecName, decode_tensor
-from cache.manifest import GroupEntry, Manifest, TensorEntry
+from cache.manifest import EMBED_GROUP, HEAD_GROUP, GroupEntry, Manifest, TensorEntry, layer_group, layer_index
 from cache.store import LayerStore
-from runtime.arch import EMBED_GROUP, HEAD_GROUP, ArchSpec
+from runtime.arch import ArchSpec
+from runtime.kernels import Int4CpuKernel, PackedInt4, ensure_derived_int4, packed_from_record
 from runtime.budget import BudgetPlan, MemoryBudget, Unit, activation_bytes, kv_bytes_per_token
 from runtime.memory import bound_allocator
 
@@ -99,21 +101,20 @@ class _Slot:
 
 
 class PackedInt4Linear(nn.Module):
-    """A linear layer computing on 4-bit weights as the cache stores them, with torch's CPU
-    kernel ``_weight_int4pack_mm_for_cpu`` (bf16 activations): nothing is dequantized."""
+    """A linear layer computing on 4-bit weights with torch's CPU kernel (bf16 activations):
+    nothing is dequantized. Its weight is a :class:`PackedInt4` in the kernel's own layout,
+    derived from the portable record for this host (see :mod:`runtime.kernels`)."""
 
     def __init__(self, linear: nn.Linear, group_size: int) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         self.bias = linear.bias  # a parameter (meta until loaded) or None
-        self.packed: torch.Tensor | None = None  # [out, in / 2] uint8
-        self.scales_and_zeros: torch.Tensor | None = None  # [in / group, out, 2]
+        self.weight_packed: PackedInt4 | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.weight_packed is None:
             raise RuntimeError("packed int4 linear ran without its weights loaded")
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = Int4CpuKernel.matmul(x, self.weight_packed)
         return y + self.bias if self.bias is not None else y
 
 
@@ -207,12 +208,16 @@ class StreamingModel:
         self.head_entry = self.embed_entry if self.tied else self._entries[head_name]
         self.packed: dict[str, int] = self._packed_tensors() if packed_int4 is not False else {}
         if packed_int4 and not self.packed:
-            raise ValueError("packed_int4=True but this variant has no int4 tensors in torch's CPU kernel layout")
+            raise ValueError("packed_int4=True but this variant has no int4 tensors the CPU int4 kernel can take")
         if self.packed and dtype != torch.bfloat16:
             if packed_int4:
                 raise ValueError("the packed int4 kernel computes in bfloat16; pass dtype=torch.bfloat16")
             self.packed = {}
         self._swap_packed_modules()
+        # the kernel's own layout, derived from the portable records for this host (built once)
+        self.derived: LayerStore | None = (
+            ensure_derived_int4(store, variant_id, self.manifest.groups, set(self.packed)) if self.packed else None
+        )
         self.plan = self._plan(memory_budget, context_tokens)
         self.context_tokens = self.plan.context_tokens
         logger.info("%s", self.plan.describe())
@@ -236,18 +241,14 @@ class StreamingModel:
 
     # -- packed int4 -----------------------------------------------------------------------
     def _packed_tensors(self) -> dict[str, int]:
-        """Layer weights stored in the kernel's layout: name -> group size."""
+        """Layer weights the CPU int4 kernel can take: name -> group size."""
         out = {}
-        with self.store.reader() as r:
-            for g in self.manifest.groups:
-                if not g.name.startswith("layer."):
-                    continue
-                for t in g.tensors:
-                    if t.codec != CodecName.INT4_GROUP.value or not t.name.endswith(".weight"):
-                        continue
-                    enc = r.get(self.variant_id, t.name)
-                    if enc.params.get("layout") == "tinygemm":
-                        out[t.name] = int(enc.params["group_size"])
+        for g in self.manifest.groups:
+            if layer_index(g.name) is None:
+                continue
+            for t in g.tensors:
+                if t.codec == CodecName.INT4_GROUP.value and t.name.endswith(".weight") and Int4CpuKernel.eligible(t.shape, t.params):
+                    out[t.name] = int(t.params["group_size"])
         return out
 
     def _swap_packed_modules(self) -> None:
@@ -262,8 +263,7 @@ class StreamingModel:
             setattr(parent, attr, PackedInt4Linear(linear, gs))
 
     def _packed_shapes(self, t: TensorEntry) -> tuple[list[int], list[int]]:
-        n, k = t.shape
-        return [n, k // 2], [k // self.packed[t.name], n, 2]
+        return Int4CpuKernel.shapes(t.shape, self.packed[t.name])
 
     # -- planning --------------------------------------------------------------------------
     def _size(self, t: TensorEntry) -> int:
@@ -277,8 +277,8 @@ class StreamingModel:
         budget = MemoryBudget(memory_budget)
         units = []
         for i in range(len(self.layers)):
-            g = self._groups[f"layer.{i}"]
-            units.append(Unit(f"layer.{i}", sum(self._size(t) for t in g.tensors), g.stored_bytes))
+            g = self._groups[layer_group(i)]
+            units.append(Unit(layer_group(i), sum(self._size(t) for t in g.tensors), g.stored_bytes))
         units.append(Unit("head", self._size(self.head_entry), self.head_entry.stored_bytes, uses_slot=False))
         small = sum(
             self._size(t) for g in (EMBED_GROUP, HEAD_GROUP) for t in self._groups[g].tensors if t not in (self.embed_entry, self.head_entry)
@@ -290,7 +290,7 @@ class StreamingModel:
         weights = embed_resident + small + sum(u.resident_bytes for u in units)  # small: norms, biases
 
         chunk_buf = 2 * max(self._chunk_bytes(self.embed_entry), self._chunk_bytes(self.head_entry))
-        scratch = max(self._size(t) for g in self.manifest.groups for t in g.tensors if g.name.startswith("layer."))
+        scratch = max(self._size(t) for g in self.manifest.groups for t in g.tensors if layer_index(g.name) is not None)
         streaming_fixed = {"chunk buffers": chunk_buf, "decode scratch": scratch}
         slot = max(u.resident_bytes for u in units if u.uses_slot)
 
@@ -334,7 +334,7 @@ class StreamingModel:
 
         for i in layers:
             prefix = f"{self.arch.layers}.{i}."
-            for t in self._groups[f"layer.{i}"].tensors:
+            for t in self._groups[layer_group(i)].tensors:
                 role = t.name.removeprefix(prefix)
                 if t.name in self.packed:
                     pk, sz = self._packed_shapes(t)
@@ -344,18 +344,16 @@ class StreamingModel:
                     need(role, math.prod(t.shape), self.dtype)
         return sizes
 
-    def _load_packed(self, enc, t: TensorEntry, slot: "_Slot | None", role: str) -> tuple:
-        """The packed bytes and the kernel's scales for a packed int4 tensor, in ``slot`` or owned."""
-        from cache.codecs import tinygemm_scales_and_zeros
-
-        pk, sz = self._packed_shapes(t)
+    def _load_packed(self, enc, t: TensorEntry, slot: "_Slot | None", role: str) -> PackedInt4:
+        """A derived record's packed weight, copied into ``slot`` (or into owned memory)."""
+        src = packed_from_record(enc)
         if slot is None:
-            return ("packed", enc.parts["packed"].clone(), tinygemm_scales_and_zeros(enc))
-        dst = slot.view(role, pk)
-        dst.copy_(enc.parts["packed"])
-        dsz = slot.view(role + ":sz", sz)
-        dsz.copy_(tinygemm_scales_and_zeros(enc))
-        return ("packed", dst, dsz)
+            return PackedInt4(src.packed.clone(), src.scales_and_zeros.clone(), src.group_size)
+        pk, sz = self._packed_shapes(t)
+        dst, dsz = slot.view(role, pk), slot.view(role + ":sz", sz)
+        dst.copy_(src.packed.view(pk))
+        dsz.copy_(src.scales_and_zeros.view(sz))
+        return PackedInt4(dst, dsz, src.group_size)
 
     # -- fixed weights -----------------------------------------------------------------------
     def _load_fixed(self) -> None:
@@ -372,7 +370,7 @@ class StreamingModel:
         if embed_resident and self.tied:
             self._assign({f"{self.arch.head}.weight": self.model.get_submodule(self.arch.embed).weight})
         for i in self.plan.resident_layers:
-            self._assign({t.name: self._read_whole(t) for t in self._groups[f"layer.{i}"].tensors})
+            self._assign({t.name: self._read_whole(t) for t in self._groups[layer_group(i)].tensors})
         self._chunk_bufs: list[torch.Tensor] = []
         if not embed_resident or "head" not in resident:
             self._chunk_buffers()  # now, not inside a forward: inference-mode tensors could not be refilled by the prefetch thread
@@ -384,7 +382,7 @@ class StreamingModel:
     def _read_whole(self, t: TensorEntry):
         t0 = time.perf_counter()
         if t.name in self.packed:
-            with self.store.reader() as r:
+            with self.derived.reader() as r:
                 out = self._load_packed(r.get(self.variant_id, t.name), t, None, "")
             self._account(t.stored_bytes, time.perf_counter() - t0)
             return out
@@ -485,13 +483,13 @@ class StreamingModel:
         t0 = time.perf_counter()
         prefix = f"{self.arch.layers}.{i}."
         out = {}
-        with self.store.reader() as r:
-            for t in self._groups[f"layer.{i}"].tensors:
+        with self.store.reader() as r, (self.derived.reader() if self.derived else contextlib.nullcontext()) as dr:
+            for t in self._groups[layer_group(i)].tensors:
                 role = t.name.removeprefix(prefix)
-                enc = r.get(self.variant_id, t.name)
                 if t.name in self.packed:
-                    out[t.name] = self._load_packed(enc, t, slot, role)
+                    out[t.name] = self._load_packed(dr.get(self.variant_id, t.name), t, slot, role)
                     continue
+                enc = r.get(self.variant_id, t.name)
                 dst = slot.view(role, t.shape)
                 decode_tensor(enc, out=dst)
                 out[t.name] = dst
@@ -518,7 +516,7 @@ class StreamingModel:
             out, seconds = fut.result()
         self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.layers_loaded += 1
-        self._account(self._groups[f"layer.{i}"].stored_bytes, seconds)
+        self._account(self._groups[layer_group(i)].stored_bytes, seconds)
         if self._pool is not None:
             nxt = self._next[i]
             if nxt != i and nxt not in self._pending:
@@ -530,9 +528,8 @@ class StreamingModel:
     def _assign(self, tensors: dict) -> None:
         for name, t in tensors.items():
             module_name, pname = name.rsplit(".", 1)
-            if isinstance(t, tuple):  # ("packed", bytes, scales_and_zeros)
-                module = self.model.get_submodule(module_name)
-                module.packed, module.scales_and_zeros = t[1], t[2]
+            if isinstance(t, PackedInt4):
+                self.model.get_submodule(module_name).weight_packed = t
                 continue
             try:
                 _set_param(self.model.get_submodule(module_name), pname, t)
@@ -542,7 +539,7 @@ class StreamingModel:
     def _release(self, i: int) -> None:
         for module in self.layers[i].modules():
             if isinstance(module, PackedInt4Linear):
-                module.packed = module.scales_and_zeros = None
+                module.weight_packed = None
             for pname, p in module._parameters.items():
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
@@ -602,3 +599,6 @@ class StreamingModel:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.derived is not None:
+            self.derived.close()
+            self.derived = None

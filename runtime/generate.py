@@ -130,8 +130,8 @@ def prefill(model: StreamingModel, input_ids: torch.Tensor, attention_mask: torc
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, : past + e]
             kwargs["position_ids"] = _positions(attention_mask[:, : past + e])[:, past + s :]
-        out = model.forward(input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-        logits, cache = out.logits[:, -1, :], out.past_key_values
+        out = model.forward(input_ids[:, s:e], cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        logits, cache = out.logits[:, -1, :], out.cache
     return logits, cache
 
 
@@ -146,8 +146,8 @@ def decode_step(model: StreamingModel, token: torch.Tensor, cache, attention_mas
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = _positions(attention_mask)[:, -1:]
-    out = model.forward(token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-    return out.logits[:, -1, :], out.past_key_values
+    out = model.forward(token, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    return out.logits[:, -1, :], out.cache
 
 
 def check_context(model: StreamingModel, batch: int, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache.manifest import layer_group
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky looks blue during the day and red at sunset."
@@ -185,7 +187,7 @@ def _read_decode_throughput(m) -> float:
         slot.owner = i
         m._decode_layer(i, slot)
         slot.owner = None
-        m.stats.bytes_read += m._groups[f"layer.{i}"].stored_bytes
+        m.stats.bytes_read += m._groups[layer_group(i)].stored_bytes
     if "head" in m.plan.streamed:
         e = m.head_entry
         for k in range(e.num_chunks):

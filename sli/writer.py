@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 from cache.codecs import CodecName
 from cache.errors import MapResized
-from cache.manifest import GroupEntry, Manifest, TensorEntry, chunk_record_name
+from cache.manifest import EMBED_GROUP, HEAD_GROUP, GroupEntry, Manifest, TensorEntry, chunk_record_name
 from cache.record import encode_record
 from cache.store import LayerStore
-from runtime.arch import EMBED_GROUP, HEAD_GROUP, get_arch
+from runtime.arch import get_arch
 from runtime.memory import PeakMemorySampler, release_free_memory
 from sli.config import AdaptiveQuantizer, QuantizationConfig
 from sli.quantizer import LayerQuantizer
@@ -202,6 +202,7 @@ def _write_group(
             original = raw_len = stored_len = 0
             sq_err = sq_ref = max_abs = 0.0
             compressed = False
+            params: dict = {}
             for rname, piece in pieces:
                 enc, stats = quantizer.quantize_tensor(name, piece)
                 if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
@@ -209,7 +210,7 @@ def _write_group(
                         f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
                         f"{stats.original_bytes}; choose another mode or skip the module"
                     )
-                codec = enc.codec
+                codec, params = enc.codec, dict(enc.params)
                 if len(pieces) == 1:
                     sq_err, sq_ref = stats.rel_mse, 1.0
                 else:  # rel_mse is relative to this piece's mean square: weight it back
@@ -241,6 +242,7 @@ def _write_group(
                     rel_mse=sq_err / sq_ref if sq_ref else 0.0,
                     max_abs_err=max_abs,
                     chunk_rows=rows,
+                    params=params,
                 )
             )
         entry = GroupEntry(name=gname, tensors=tensors, seconds=time.perf_counter() - t0)

@@ -143,32 +143,19 @@ def test_decode_into_a_buffer_equals_decode(codec, cols):
         decode_tensor(enc, out=torch.empty(3, 3))
 
 
-def test_group_codec_reads_the_interleaved_layout_of_older_records():
+def test_group_codec_writes_one_portable_layout_and_refuses_others():
+    """int4 records are planar whatever their shape (no kernel's private layout on disk), and a
+    record claiming another layout is refused rather than decoded wrongly."""
     codec = get_codec(CodecName.INT4_GROUP)
-    w = _weight(rows=8, cols=128, seed=2)
-    enc = codec.encode(w, group_size=64)
-    q = codec.unpack(enc)  # planar records unpack to the codes in column order
-    old = enc.parts | {"packed": (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)}
-    legacy = type(enc)(enc.codec, enc.shape, enc.dtype, old, {"group_size": 64, "bits": 4})
-    assert torch.equal(decode_tensor(legacy, torch.float32), decode_tensor(enc, torch.float32))
-    out = torch.empty(8, 128)
-    assert torch.equal(decode_tensor(legacy, out=out), decode_tensor(enc, torch.float32))
-
-
-def test_int4_records_use_torchs_cpu_kernel_layout_and_numbers():
-    """Eligible int4 tensors are stored packed as torch's own packer packs them, and the
-    kernel on those bytes computes what a matmul with the decoded weight computes."""
-    from cache.codecs import pack_tinygemm, tinygemm_scales_and_zeros, unpack_tinygemm
-
-    q = torch.randint(0, 16, (96, 192), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(pack_tinygemm(q), torch._convert_weight_to_int4pack_for_cpu(q, 1))
-    assert torch.equal(unpack_tinygemm(pack_tinygemm(q), 96, 192).int(), q)
-    w = _weight(rows=96, cols=192, seed=4)
-    enc = get_codec(CodecName.INT4_GROUP).encode(w, group_size=64)
-    assert enc.params["layout"] == "tinygemm"
-    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(1))
-    want = x @ decode_tensor(enc, torch.float32).T
-    got = torch._weight_int4pack_mm_for_cpu(x, enc.parts["packed"], 64, tinygemm_scales_and_zeros(enc, torch.float32))
-    assert (got - want).abs().max() < 1e-3
-    ragged = get_codec(CodecName.INT4_GROUP).encode(_weight(rows=40, cols=192), group_size=64)
-    assert ragged.params["layout"] == "planar"  # 40 rows: not a multiple of 32
+    for rows, cols in ((96, 192), (40, 192), (64, 130)):
+        enc = codec.encode(_weight(rows=rows, cols=cols, seed=2), group_size=64)
+        assert enc.params["layout"] == "planar"
+        # planar: byte j of a row holds code j (low nibble) and code j + cols_padded/2 (high)
+        half = enc.parts["packed"].shape[1]
+        q = codec.unpack(enc)
+        assert torch.equal(q[:, :half], enc.parts["packed"] & 15) and torch.equal(q[:, half:], enc.parts["packed"] >> 4)
+    other = type(enc)(enc.codec, enc.shape, enc.dtype, enc.parts, enc.params | {"layout": "tinygemm"})
+    with pytest.raises(ValueError, match="reads 'planar' only"):
+        decode_tensor(other, torch.float32)
+    with pytest.raises(ValueError, match="reads 'planar' only"):
+        decode_tensor(other, out=torch.empty(enc.shape))

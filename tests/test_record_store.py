@@ -184,9 +184,17 @@ def test_corrupt_record_in_store_is_never_served(tmp_path):
 
 
 def test_store_format_mismatch_and_missing(tmp_path):
+    """A cache of another format is refused with the commands that rebuild each of its variants."""
     with LayerStore(tmp_path / "c") as st:
-        st._write({(st._meta, b"format"): json.dumps({"store_format_version": 999}).encode()})
-    with pytest.raises(CacheFormatError, match=rf"store format 999, this sli reads format {STORE_FORMAT_VERSION}; delete it"):
+        old_manifest = {"source": {"path": "/models/my model"}, "quantization": {"kind": "config", "mode": "int4", "group_size": 32}}
+        st._write({
+            (st._meta, b"format"): json.dumps({"store_format_version": 2}).encode(),
+            (st._meta, b"variant/abc/manifest"): json.dumps(old_manifest).encode(),
+        })
+    with pytest.raises(CacheFormatError, match=rf"store format 2, this sli reads format {STORE_FORMAT_VERSION}\. Rebuild it: rm -r "
+                       rf".*/c && sli quantize '/models/my model' --mode int4 --group-size 32 --cache .*/c$"):
+        LayerStore(tmp_path / "c", readonly=True)
+    with pytest.raises(CacheFormatError, match="store format 2"):
         LayerStore(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no sli cache at"):
         LayerStore(tmp_path / "nothing", readonly=True)
