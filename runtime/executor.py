@@ -168,6 +168,7 @@ class StreamingModel:
             (bf16 only). Default: on whenever ``dtype`` is bfloat16 and the variant has
             eligible int4 tensors; they then stay packed in slots and resident (a quarter of
             their bf16 size), so more layers fit the budget.
+        attn_implementation: transformers' attention (``"sdpa"``, ``"eager"``); default: its own choice.
 
     Raises:
         BudgetTooSmallError: the budget cannot hold the fixed costs plus two layer slots.
@@ -184,6 +185,7 @@ class StreamingModel:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefetch: bool = False,
         packed_int4: bool | None = None,
+        attn_implementation: str | None = None,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
@@ -197,7 +199,8 @@ class StreamingModel:
         self.dtype = dtype
         self.prefill_chunk = prefill_chunk
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype, **extra)
         self.model.eval()
         self.layers: nn.ModuleList = self.model.get_submodule(self.arch.layers)
         self._groups: dict[str, GroupEntry] = {g.name: g for g in self.manifest.groups}

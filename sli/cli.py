@@ -13,6 +13,7 @@ from pathlib import Path
 from cache.errors import CacheError
 from cache.store import LayerStore
 from runtime.arch import UnsupportedArchitectureError
+from runtime.kernels import KernelError
 from sli.config import AdaptiveQuantizer, QuantizationConfig, QuantizationMode
 from sli.sources import ModelSourceError
 
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ModelSourceError, CacheError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
+    except (ModelSourceError, CacheError, KernelError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
         print(f"sli: error: {e}", file=sys.stderr)
         return 2
 

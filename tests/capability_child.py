@@ -1,0 +1,62 @@
+"""Run in a subprocess under a chosen ``ATEN_CPU_CAPABILITY`` by tests/test_kernels.py.
+
+Usage: python tests/capability_child.py '<json spec>'; prints one JSON line.
+
+Actions:
+  quantize: quantize ``model`` to int4 (``group_size``) into ``cache``.
+  compare:  stream ``variant`` of ``cache`` in bf16 on the packed int4 kernel at ``budget`` and
+            in fp32 (dequantize + matmul, the reference path) over ``ids``; report argmax
+            agreement, the relative logit error, and (with ``question``) both greedy answers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from runtime.kernels import cpu_capability
+
+    out = {"capability": cpu_capability()}
+    if spec["action"] == "quantize":
+        from sli import QuantizationConfig, UniversalSLIProcessor
+
+        qc = QuantizationConfig(mode="int4", group_size=spec["group_size"])
+        r = UniversalSLIProcessor(spec["model"], quantization_config=qc, cache_dir=spec["cache"], progress=False).quantize()
+        out["variant"] = r.variant_id
+    elif spec["action"] == "compare":
+        from cache import LayerStore
+        from runtime.executor import StreamingModel
+        from runtime.kernels import Int4CpuKernel
+
+        out["proof_error"] = Int4CpuKernel.prove()
+        ids = torch.tensor(spec["ids"])[None]
+        with LayerStore(spec["cache"], readonly=True) as st:
+            kw = {"context_tokens": 512, "attn_implementation": spec.get("attn")}
+            fast = StreamingModel(st, spec["variant"], memory_budget=spec["budget"], dtype=torch.bfloat16, **kw)
+            ref = StreamingModel(st, spec["variant"], memory_budget=1 << 40, dtype=torch.float32, **kw)
+            out["packed_tensors"] = len(fast.packed)
+            out["streamed_layers"] = len(fast.plan.streamed_layers)
+            a, b = fast.logits(ids)[0], ref.logits(ids)[0]
+            out["argmax_agreement"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+            out["rel_error"] = float((a - b).norm() / b.norm())
+            if spec.get("question"):
+                from runtime.generate import SamplingConfig, generate
+                from runtime.tokenizer import load_tokenizer
+
+                tok = load_tokenizer(st, fast.manifest)
+                q = tok(spec["question"], return_tensors="pt").input_ids
+                cfg = SamplingConfig(max_new_tokens=spec.get("new_tokens", 24))
+                for name, m in (("bf16", fast), ("fp32", ref)):
+                    out[f"answer_{name}"] = tok.decode(generate(m, q, cfg).token_ids)
+            fast.close()
+            ref.close()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
