@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=$(LOCK) $(PY) -m pip install --quiet pip
 	# torch first, pinned: the CPU wheel on this machine; an unpinned torch pulls GBs of CUDA packages
-	$(PY) -c "import torch" 2>/dev/null || PIP_CONSTRAINT=$(LOCK) $(PY) -m pip install --quiet torch
+	$(PY) -c "import torch" 2>/dev/null || PIP_CONSTRAINT=$(LOCK) $(PY) -m pip install --quiet torch==2.13.0
 	PIP_CONSTRAINT=$(LOCK) $(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
