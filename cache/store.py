@@ -223,19 +223,12 @@ class LayerStore:
         from the raw metadata, so they work on a cache of any format version)."""
         q = shlex.quote(str(self.path))
         cmds = [f"rm -r {q}"]
-        with self.env.begin(db=self._meta) as txn:
-            cur = txn.cursor()
-            if cur.set_range(b"variant/"):
-                for key, raw in cur:
-                    if not key.startswith(b"variant/"):
-                        break
-                    if not key.endswith(b"/manifest"):
-                        continue
-                    try:
-                        m = json.loads(raw)
-                        cmds.append(_quantize_command(m["source"]["path"], m["quantization"], q))
-                    except (ValueError, KeyError, TypeError):
-                        continue
+        for _, raw in self._raw_manifests():
+            try:
+                m = json.loads(raw)
+                cmds.append(_quantize_command(m["source"]["path"], m["quantization"], q))
+            except (ValueError, KeyError, TypeError):
+                continue
         if len(cmds) == 1:
             cmds.append(f"sli quantize MODEL --mode MODE --cache {q}")
         return " && ".join(cmds)
@@ -390,19 +383,21 @@ class LayerStore:
             )
         return m
 
-    def list_variants(self) -> list[str]:
-        """Ids of the complete variants in this cache."""
-        out = []
+    def _raw_manifests(self) -> Iterator[tuple[str, bytes]]:
+        """(variant id, manifest bytes as stored) of every complete variant, unparsed."""
         with self.env.begin(db=self._meta) as txn:
             cur = txn.cursor()
             if cur.set_range(b"variant/"):
-                for key, _ in cur:
+                for key, raw in cur:
                     if not key.startswith(b"variant/"):
                         break
                     parts = key.decode().split("/")
                     if len(parts) == 3 and parts[2] == "manifest":
-                        out.append(parts[1])
-        return out
+                        yield parts[1], bytes(raw)
+
+    def list_variants(self) -> list[str]:
+        """Ids of the complete variants in this cache."""
+        return [vid for vid, _ in self._raw_manifests()]
 
     def get_file(self, model_fp: str, name: str) -> bytes:
         with self.env.begin(db=self._meta) as txn:
