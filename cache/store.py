@@ -56,6 +56,11 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _used_bytes(env: lmdb.Environment) -> int:
+    """Bytes of the data file the environment uses, by its own meta page (last page in use)."""
+    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+
+
 def _check_not_truncated(path: Path) -> None:
     """Compare the data file's size with the environment's own record of the pages it uses,
     before anything maps the file: a page past the end of a mapped file is a SIGBUS, not an
@@ -78,7 +83,7 @@ def _check_not_truncated(path: Path) -> None:
             f"Copy the cache again, or delete it (`rm -r {shlex.quote(str(path))}`) and run `sli quantize` again"
         ) from e
     try:
-        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        need = _used_bytes(env)
     finally:
         env.close()
     if have < need:
@@ -250,11 +255,9 @@ class LayerStore:
 
     def _reserve(self, need: int) -> None:
         """Grow the map ahead of a transaction expected to write about ``need`` bytes."""
-        check_free_space(self.path, 0, "a transaction")
-        info, stat = self.env.info(), self.env.stat()
-        used = (info["last_pgno"] + 1) * stat["psize"]
+        used = _used_bytes(self.env)
         # headroom: LMDB copies touched pages on write, so reserve twice the payload
-        if used + 2 * need + (16 << 20) > info["map_size"]:
+        if used + 2 * need + (16 << 20) > self.map_size:
             self._grow(used + 2 * need + (16 << 20))
 
     def _write(self, items: Mapping[tuple[Any, bytes], bytes]) -> None:
@@ -309,6 +312,7 @@ class LayerStore:
         """
         if self.readonly:
             raise PermissionError(f"cache {self.path} is open read-only")
+        check_free_space(self.path, 0, f"group {group}")  # each record is checked again as it is put
         self._reserve(expected_bytes)
         txn = self.env.begin(write=True)
         writer = GroupWriter(self, txn, vid, group)

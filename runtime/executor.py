@@ -105,9 +105,9 @@ class PackedInt4Linear(nn.Module):
     nothing is dequantized. Its weight is a :class:`PackedInt4` in the kernel's own layout,
     derived from the portable record for this host (see :mod:`runtime.kernels`)."""
 
-    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias  # a parameter (meta until loaded) or None
         self.weight_packed: PackedInt4 | None = None
 
@@ -255,7 +255,7 @@ class StreamingModel:
         return out
 
     def _swap_packed_modules(self) -> None:
-        for name, gs in list(self.packed.items()):
+        for name in list(self.packed):
             module_name = name.removesuffix(".weight")
             parent_name, _, attr = module_name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
@@ -263,7 +263,7 @@ class StreamingModel:
             if not isinstance(linear, nn.Linear):
                 del self.packed[name]  # only plain linears are swapped
                 continue
-            setattr(parent, attr, PackedInt4Linear(linear, gs))
+            setattr(parent, attr, PackedInt4Linear(linear))
 
     def _packed_shapes(self, t: TensorEntry) -> tuple[list[int], list[int]]:
         return Int4CpuKernel.shapes(t.shape, self.packed[t.name])
