@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cache.manifest import layer_index
+from runtime.hostmem import auto_budget
 from runtime.memory import format_size, parse_size
+
+AUTO = "auto"
 
 MIN_SLOTS = 2
 
@@ -51,6 +54,7 @@ class BudgetPlan:
     bytes_read_per_pass: int  # cache bytes read for one forward pass
     context_tokens: int = 0
     details: dict[str, int] = field(default_factory=dict)
+    source: str = ""  # how an automatic budget was found ("" for an explicit one)
 
     @property
     def fixed_bytes(self) -> int:
@@ -78,8 +82,9 @@ class BudgetPlan:
 
     def describe(self) -> str:
         fixed = ", ".join(f"{k} {format_size(v)}" for k, v in self.fixed.items())
+        found = f" [{self.source}]" if self.source else ""
         return (
-            f"budget {format_size(self.budget_bytes)}: fixed {format_size(self.fixed_bytes)} ({fixed}); "
+            f"budget {format_size(self.budget_bytes)}{found}: fixed {format_size(self.fixed_bytes)} ({fixed}); "
             f"{len(self.resident)} resident units ({format_size(self.resident_bytes)}); "
             f"{len(self.streamed)} streamed ({len(self.streamed_layers)} layers through {self.num_slots} slots of "
             f"{format_size(self.slot_bytes)}); context {self.context_tokens} tokens; "
@@ -88,14 +93,20 @@ class BudgetPlan:
 
 
 class MemoryBudget:
-    """A memory budget in bytes, parsed from ``"512MB"``, ``"2GiB"`` or an int.
+    """A memory budget in bytes, parsed from ``"512MB"``, ``"2GiB"`` or an int, or ``"auto"``:
+    what the host lets this process use (see :mod:`runtime.hostmem`).
 
     Raises:
-        ValueError: not a size.
+        ValueError: not a size, or ``"auto"`` found nothing left.
     """
 
     def __init__(self, budget: str | int) -> None:
-        self.bytes = parse_size(budget)
+        self.source = ""
+        if isinstance(budget, str) and budget.strip().lower() == AUTO:
+            found = auto_budget()
+            self.bytes, self.source = found.budget_bytes, found.describe()
+        else:
+            self.bytes = parse_size(budget)
 
     def plan(
         self,
@@ -130,15 +141,16 @@ class MemoryBudget:
         if all_resident <= self.bytes:
             return BudgetPlan(
                 self.bytes, all_fixed, 0, 0, tuple(u.name for u in units), (),
-                all_resident - sum(all_fixed.values()), 0, context_tokens,
+                all_resident - sum(all_fixed.values()), 0, context_tokens, source=self.source,
             )
         fixed = {**fixed, **(streaming_fixed or {})}
         slot = max((u.resident_bytes for u in units if u.uses_slot), default=0)
         minimum = sum(fixed.values()) + num_slots * slot
         if minimum > self.bytes:
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in fixed.items())
+            found = f" ({self.source})" if self.source else ""
             raise BudgetTooSmallError(
-                f"budget {format_size(self.bytes)} is below the {format_size(minimum)} needed for the fixed costs ({parts}) "
+                f"budget {format_size(self.bytes)}{found} is below the {format_size(minimum)} needed for the fixed costs ({parts}) "
                 f"plus {num_slots} streaming slots of {format_size(slot)} (the largest layer); "
                 f"use --memory-budget {_round_up_mb(minimum)}MB or more, a shorter context, or a smaller quantization mode"
             )
@@ -160,6 +172,7 @@ class MemoryBudget:
             resident_bytes=sum(u.resident_bytes for u in resident),
             bytes_read_per_pass=sum(u.stored_bytes for u in units if u.name not in names),
             context_tokens=context_tokens,
+            source=self.source,
         )
 
 

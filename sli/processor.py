@@ -53,7 +53,9 @@ class UniversalSLIProcessor:
         cache_dir: cache directory (default ``$SLI_HOME/cache``).
         compress_level: zstd level for records (0 disables compression).
         progress: show a progress bar.
-        memory_budget: for inference: ``"512MB"``, ``"2GiB"`` or bytes (default: hold everything).
+        memory_budget: for inference: ``"512MB"``, ``"2GiB"`` or bytes, or ``"auto"``: what the host
+            lets this process use (its cgroup's limit, else available RAM, less a stated margin;
+            see :mod:`runtime.hostmem`). Default: hold everything.
         dtype: compute dtype for inference (``"float32"``, ``"bfloat16"``, ``"float16"``).
         device: ``"cpu"``. (``"cuda"`` is refused with a clear error: the CUDA path is not built yet.)
         context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
