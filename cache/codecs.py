@@ -50,6 +50,13 @@ class Codec(ABC):
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         """Rebuild the tensor in ``dtype``."""
 
+    def encode_measured(self, w: torch.Tensor, **params: Any) -> tuple[EncodedTensor, dict[str, float]]:
+        """Encode ``w`` and measure the error of the weights decoded to float32 against it
+        (:func:`tensor_error`'s keys): the codec's own error, before any rounding to a compute
+        dtype. Codecs override it to measure while encoding."""
+        enc = self.encode(w, **params)
+        return enc, tensor_error(w, self.decode(enc, torch.float32))
+
     def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
         """Rebuild the tensor into ``out`` (its shape, any float dtype); returns ``out``.
 
@@ -227,6 +234,57 @@ class GroupIntCodec(Codec):
             packed |= q[:, i, :] << (i * self.bits)
         parts = {"packed": packed.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
         return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
+
+    def encode_measured(
+        self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, chunk_elems: int = 1 << 20, **_: Any
+    ) -> tuple[EncodedTensor, dict[str, float]]:
+        """:meth:`encode` and the error of the float32 dequantized weights, in one pass over
+        row chunks of about ``chunk_elems`` elements with reused buffers: the same bytes as
+        :meth:`encode`, at a fraction of its memory traffic (quantizing an 8 B model is
+        bound by this loop). Rows that need padding take :meth:`encode`'s path."""
+        self._check_2d(w)
+        rows, cols = w.shape
+        if group_size <= 0 or group_size % self.per_byte or cols % group_size or not w.is_floating_point():
+            return super().encode_measured(w, group_size=group_size, scale_dtype=scale_dtype)
+        ngroups, width = cols // group_size, cols // self.per_byte
+        step = max(1, min(rows, chunk_elems // cols))
+        x = torch.empty(step, ngroups, group_size)  # the chunk in float32
+        t = torch.empty_like(x)  # (x - offset) / scale, then the rounding error
+        q = torch.empty_like(x)
+        codes = torch.empty(step, cols, dtype=torch.int8)  # float -> int8 converts 4x faster than -> uint8
+        shifted = torch.empty(step, width, dtype=torch.uint8)
+        packed = torch.empty(rows, width, dtype=torch.uint8)
+        scale_out = torch.empty(rows, ngroups, dtype=scale_dtype)
+        offset_out = torch.empty(rows, ngroups, dtype=scale_dtype)
+        sq_err = sq_ref = max_abs = 0.0
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            xs, ts, qs = x[:n], t[:n], q[:n]
+            xs.copy_(w[r0 : r0 + n].view(n, ngroups, group_size))
+            lo, hi = torch.aminmax(xs, dim=2)
+            scale = hi.sub_(lo).div_(self.levels).clamp_min_(1e-8).to(scale_dtype)  # stored statistics, rounded first
+            off = lo.to(scale_dtype)
+            scale_out[r0 : r0 + n] = scale
+            offset_out[r0 : r0 + n] = off
+            sf, of = scale.float().unsqueeze(2), off.float().unsqueeze(2)
+            torch.sub(xs, of, out=ts).div_(sf)
+            torch.round(ts, out=qs).clamp_(0, self.levels)
+            sq_ref += float(torch.linalg.vector_norm(xs)) ** 2
+            ts.sub_(qs).mul_(sf)  # x - dequantized
+            sq_err += float(torch.linalg.vector_norm(ts)) ** 2
+            max_abs = max(max_abs, float(ts.abs_().amax()))
+            c = codes[:n]
+            c.copy_(qs.view(n, cols))
+            planes = c.view(torch.uint8).view(n, self.per_byte, width)
+            b = packed[r0 : r0 + n]
+            b.copy_(planes[:, 0])
+            for i in range(1, self.per_byte):
+                b.bitwise_or_(torch.bitwise_left_shift(planes[:, i], i * self.bits, out=shifted[:n]))
+        params = {"group_size": group_size, "bits": self.bits, "layout": "planar"}
+        parts = {"packed": packed, "scale": scale_out, "offset": offset_out}
+        enc = EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
+        mse, ref = sq_err / w.numel(), sq_ref / w.numel()
+        return enc, {"rel_mse": mse / ref if ref > 0 else (0.0 if mse == 0 else float("inf")), "max_abs_err": max_abs}
 
     def _check_layout(self, enc: EncodedTensor) -> None:
         if enc.params.get("layout") != "planar":

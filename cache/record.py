@@ -34,6 +34,8 @@ _PREFIX = struct.Struct("<4sII")  # magic, header_len, header_crc
 # cache at several GB/s, so a 15-24% saving (int4 codes, bf16) costs far more time per token
 # than it saves in reads, even from an NVMe disk. Below a quarter it is not worth it.
 DEFAULT_MIN_SAVING = 0.25
+_SAMPLE_BYTES = 256 << 10
+_HEADER_ROOM = 4096  # bytes reserved ahead of the payload for the prefix and header  # zstd probes payloads larger than four of these on samples first
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -104,19 +106,12 @@ class RecordInfo:
         return self.stored_len
 
 
-def _part_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def encode_record(
     enc: EncodedTensor,
     *,
     compress_level: int = 3,
     min_saving: float = DEFAULT_MIN_SAVING,
-) -> tuple[bytes, RecordInfo]:
+) -> tuple[memoryview, RecordInfo]:
     """Serialise an encoded tensor into a checksummed record.
 
     Args:
@@ -125,18 +120,28 @@ def encode_record(
         min_saving: keep the zstd payload only if it is at least this share smaller.
 
     Returns:
-        The record bytes and a :class:`RecordInfo`.
+        The record's bytes (a ``memoryview``: the payload is written once, in place, and never
+        copied whole again) and a :class:`RecordInfo`.
     """
     parts_meta = []
-    chunks = []
+    tensors = []
     for name, t in enc.parts.items():
-        b = _part_bytes(t)
-        parts_meta.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": len(b)})
-        chunks.append(b)
-    raw = b"".join(chunks)
-    del chunks
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        parts_meta.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": nbytes})
+        tensors.append(t)
+    # the payload goes straight to its place in the record, behind room for the header: each
+    # part is copied once, and the record is never copied whole again
+    buf = bytearray(_HEADER_ROOM + sum(p["nbytes"] for p in parts_meta))
+    raw = memoryview(buf)[_HEADER_ROOM:]
+    pos = _HEADER_ROOM
+    for t, p in zip(tensors, parts_meta):
+        if p["nbytes"]:
+            torch.frombuffer(buf, dtype=torch.uint8, offset=pos, count=p["nbytes"]).copy_(t.reshape(-1).view(torch.uint8))
+        pos += p["nbytes"]
+    del tensors
     payload, compression = raw, "none"
-    if compress_level > 0 and raw:
+    if compress_level > 0 and raw and _worth_compressing(raw, compress_level, min_saving):
         z = zstandard.ZstdCompressor(level=compress_level).compress(raw)
         if len(z) <= (1.0 - min_saving) * len(raw):
             payload, compression = z, "zstd"
@@ -155,7 +160,24 @@ def encode_record(
     hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     prefix = _PREFIX.pack(RECORD_MAGIC, len(hbytes), zlib.crc32(hbytes))
     info = RecordInfo(raw_len=len(raw), stored_len=len(payload), compressed=compression == "zstd")
-    return prefix + hbytes + payload, info
+    head = prefix + hbytes
+    if compression == "none" and len(head) <= _HEADER_ROOM:
+        start = _HEADER_ROOM - len(head)
+        buf[start:_HEADER_ROOM] = head
+        return memoryview(buf)[start:], info
+    return memoryview(head + bytes(payload)), info
+
+
+def _worth_compressing(raw: memoryview, level: int, min_saving: float) -> bool:
+    """Whether zstd may save ``min_saving`` on ``raw``: judged on evenly spaced samples first,
+    so incompressible payloads (int4 codes, random bf16) are not compressed whole only to be
+    thrown away. A sample saving under half the threshold rules the payload out."""
+    if len(raw) <= 4 * _SAMPLE_BYTES:
+        return True
+    step = len(raw) // 4
+    sample = b"".join(bytes(raw[k * step : k * step + _SAMPLE_BYTES]) for k in range(4))
+    z = zstandard.ZstdCompressor(level=level).compress(sample)
+    return len(z) <= (1.0 - min_saving / 2) * len(sample)
 
 
 def _as_tensor(raw: bytes | memoryview) -> torch.Tensor:

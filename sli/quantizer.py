@@ -38,15 +38,16 @@ class LayerQuantizer:
     def quantize_tensor(self, name: str, tensor: torch.Tensor, *, measure: bool = True) -> tuple[EncodedTensor, TensorStats]:
         """Encode one tensor; measure its error against the input when ``measure``."""
         choice = self.plan.choose(name, tensor)
+        unmeasured = {"rel_mse": 0.0, "max_abs_err": 0.0}
         if choice.codec is CodecName.RAW:
             enc = _RAW.encode(tensor, storage_dtype=self.plan.torch_compute_dtype(tensor.dtype))
             enc.dtype = str(tensor.dtype).removeprefix("torch.")
+            lossless = enc.parts["data"].dtype == tensor.dtype
+            err = tensor_error(tensor, decode_tensor(enc, tensor.dtype)) if measure and not lossless else unmeasured
+        elif measure:  # the codec measures while it encodes where it can
+            enc, err = get_codec(choice.codec).encode_measured(tensor, **choice.params)
         else:
-            enc = get_codec(choice.codec).encode(tensor, **choice.params)
-        err = {"rel_mse": 0.0, "max_abs_err": 0.0}
-        lossless = choice.codec is CodecName.RAW and enc.parts["data"].dtype == tensor.dtype
-        if measure and not lossless:
-            err = tensor_error(tensor, decode_tensor(enc, tensor.dtype))
+            enc, err = get_codec(choice.codec).encode(tensor, **choice.params), unmeasured
         stats = TensorStats(
             original_bytes=tensor.numel() * tensor.element_size(),
             encoded_bytes=enc.nbytes,

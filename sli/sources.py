@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from cache.readahead import advise_file
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
@@ -98,6 +100,23 @@ class ModelSource(ABC):
         t = self.read(name)
         return tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
+    def byte_ranges(self, names: list[str]) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of each tensor's bytes on disk, where the format says
+        (empty where it does not): what :meth:`read_ahead` asks the kernel for."""
+        return []
+
+    def read_ahead(self, names: list[str]) -> int:
+        """Ask the kernel to read these tensors' bytes into the page cache now, in large
+        reads, so reading them later does not wait page by page; returns the bytes advised."""
+        n = 0
+        for path, off, length in self.byte_ranges(names):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                n += advise_file(fd, off, length)
+            finally:
+                os.close(fd)
+        return n
+
     def tokenizer_files(self) -> dict[str, bytes]:
         """Tokenizer, chat template and generation files to copy into the cache."""
         folder = self.path if self.path.is_dir() else self.path.parent
@@ -152,6 +171,8 @@ class SafetensorsSource(ModelSource):
 
         self._handles = {}
         self._where: dict[str, Any] = {}
+        self._file_of: dict[str, Path] = {}
+        self._header_offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         for f in self._files:
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
@@ -160,6 +181,7 @@ class SafetensorsSource(ModelSource):
             self._handles[f] = h
             for k in h.keys():
                 self._where[k] = h
+                self._file_of[k] = f
 
     def _read_config(self):
         return _load_config(self.path)
@@ -175,6 +197,29 @@ class SafetensorsSource(ModelSource):
 
     def weight_files(self) -> list[Path]:
         return list(self._files)
+
+    def _offsets(self, f: Path) -> dict[str, tuple[int, int]]:
+        """Absolute (offset, length) of every tensor in a safetensors file, from its header
+        (8-byte little-endian length, then JSON with each tensor's ``data_offsets``)."""
+        if f not in self._header_offsets:
+            with open(f, "rb") as fh:
+                hlen = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(hlen))
+            base = 8 + hlen
+            self._header_offsets[f] = {
+                k: (base + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
+        return self._header_offsets[f]
+
+    def byte_ranges(self, names: list[str]) -> list[tuple[Path, int, int]]:
+        out = []
+        for name in names:
+            f = self._file_of[name]
+            off, length = self._offsets(f)[name]
+            out.append((f, off, length))
+        return out
 
     def tensor_nbytes(self, name: str) -> int:
         sl = self._where[name].get_slice(name)

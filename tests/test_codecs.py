@@ -159,3 +159,19 @@ def test_group_codec_writes_one_portable_layout_and_refuses_others():
         decode_tensor(other, torch.float32)
     with pytest.raises(ValueError, match="reads 'planar' only"):
         decode_tensor(other, out=torch.empty(enc.shape))
+
+
+@pytest.mark.parametrize("codec,cols,gs", [(CodecName.INT4_GROUP, 256, 64), (CodecName.INT2_GROUP, 192, 32), (CodecName.INT4_GROUP, 200, 64)])
+def test_encode_measured_gives_encodes_bytes_and_the_decoded_error(codec, cols, gs):
+    # the fused quantizer loop must write exactly what encode writes, and measure the error of
+    # what decode gives back (cols=200 needs padding: the general path)
+    w = (torch.randn(300, cols, generator=torch.Generator().manual_seed(3)) * 0.05).to(torch.bfloat16)
+    c = get_codec(codec)
+    enc, err = c.encode_measured(w, group_size=gs, chunk_elems=4096)  # several row chunks
+    ref = c.encode(w, group_size=gs)
+    assert enc.params == ref.params and enc.shape == ref.shape
+    for k in ref.parts:
+        assert torch.equal(enc.parts[k], ref.parts[k]), k
+    want = tensor_error(w.float(), decode_tensor(ref, torch.float32))
+    assert err["rel_mse"] == pytest.approx(want["rel_mse"], rel=2e-3)
+    assert err["max_abs_err"] == pytest.approx(want["max_abs_err"], rel=1e-2, abs=1e-4)

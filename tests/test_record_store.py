@@ -93,7 +93,7 @@ def test_truncated_record_is_caught(cut):
 
 def test_bad_magic_and_other_format_version():
     _, enc = _enc()
-    rec = encode_record(enc)[0]
+    rec = bytes(encode_record(enc)[0])
     with pytest.raises(CorruptRecordError, match="bad magic"):
         decode_record("k", b"XXXX" + rec[4:])
     # forge a record of a future format, with valid checksums
