@@ -126,6 +126,15 @@ class PackedInt4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def _plain_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with default strides. transformers feeds the head ``hidden[:, -1:, :]``, whose
+    strides (seq * hidden, hidden, 1) torch's matmul does not fold to a plain matrix product:
+    it takes its batched path and copies the whole transposed weight first (192 MB for a
+    1 B model's head, on every prefill; found with the memory profiler). A one-row copy of
+    the activations avoids it."""
+    return x if x.stride() == torch.empty(x.shape, device="meta").stride() else x.clone(memory_format=torch.contiguous_format)
+
+
 class _ChunkedHead(nn.Module):
     """Stands in for the output projection when it is not resident: decodes the weight one
     row chunk at a time (the next chunk on the prefetch thread) and fills the logits."""
@@ -135,6 +144,7 @@ class _ChunkedHead(nn.Module):
         self.owner, self.entry, self.bias = owner, entry, bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = _plain_strides(hidden)
         e = self.entry
         out = torch.empty(*hidden.shape[:-1], e.shape[0], dtype=hidden.dtype)
         o = self.owner
@@ -385,6 +395,9 @@ class StreamingModel:
                 self._assign({t.name: self._read_whole(t)})
         if embed_resident and self.tied:
             self._assign({f"{self.arch.head}.weight": self.model.get_submodule(self.arch.embed).weight})
+        if "head" in resident or embed_resident:
+            head = self.model.get_submodule(self.arch.head)
+            self._hooks.append(head.register_forward_pre_hook(lambda mod, args: (_plain_strides(args[0]), *args[1:])))
         for i in self.plan.resident_layers:
             self._assign({t.name: self._read_whole(t) for t in self._groups[layer_group(i)].tensors})
         self._chunk_bufs: list[torch.Tensor] = []

@@ -279,3 +279,27 @@ def test_packed_int4_kernel_matches_dequantized_weights(tmp_path, tiny_root):
         assert full.plan.resident_bytes < plain.plan.resident_bytes / 3
         with pytest.raises(ValueError, match="computes in bfloat16"):
             StreamingModel(st, r.variant_id, memory_budget=1 << 40, packed_int4=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_prefill_does_not_copy_the_resident_head(tmp_path, tiny_root, tied):
+    """transformers hands the head ``hidden[:, -1:, :]``; with those strides torch's matmul
+    copied the whole transposed head on every prefill (a head's size above the budget).
+    The head is made large here so a copy of it stands out from everything else."""
+    from runtime.memory import PeakMemorySampler
+
+    path = make_tiny_model(tiny_root, "llama", layers=2, seed=7, vocab=16384, hidden=512, tie_word_embeddings=tied)
+    p = UniversalSLIProcessor(path, quantization_config="int4", cache_dir=tmp_path, progress=False)
+    p.quantize()
+    store = LayerStore(tmp_path, readonly=True)
+    m = StreamingModel(store, p.variant_id, memory_budget=1 << 40, dtype=torch.bfloat16)
+    head_bytes = 16384 * 512 * 2  # 16 MiB
+    ids = torch.arange(5, 37)[None]
+    m.forward(ids, use_cache=False, logits_to_keep=1)  # first-call allocations out of the way
+    with PeakMemorySampler(interval=0.0002) as mem:
+        for _ in range(3):
+            out = m.forward(ids, use_cache=False, logits_to_keep=1)
+    assert out.logits.shape[1] == 1
+    assert mem.peak_bytes < head_bytes // 2, mem.peak_bytes / 2**20
+    m.close()
+    store.close()
