@@ -186,7 +186,7 @@ def _read_decode_throughput(m) -> float:
     for i in m.plan.streamed_layers:
         slot.owner = i
         m._decode_layer(i, slot)
-        slot.owner = None
+        slot.release()
         m.stats.bytes_read += m._groups[layer_group(i)].stored_bytes
     if "head" in m.plan.streamed:
         e = m.head_entry

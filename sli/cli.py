@@ -186,9 +186,31 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(a: argparse.Namespace) -> int:
+    from sli.bench_scale import ScaleConfig, run_scale, write_scale_outputs
+
+    cfg = ScaleConfig(shape=a.scale, workdir=a.workdir or "", out_dir=a.out if a.out != "bench-results" else "docs/results",
+                      llama_convert=a.llama_convert or "", keep=a.keep)
+    if a.budgets:
+        cfg.budgets = tuple(a.budgets.split(","))
+    if a.new_tokens_scale:
+        cfg.new_tokens = a.new_tokens_scale
+    if a.prompt_tokens:
+        cfg.prompt_tokens = a.prompt_tokens
+    if a.peers != "transformers,transformers-bf16,accelerate,airllm":
+        cfg.peers = tuple(x for x in a.peers.split(",") if x)
+    res = run_scale(cfg, progress=lambda m: print(f"[scale] {m}", file=sys.stderr, flush=True))
+    paths = write_scale_outputs(res, cfg.out_dir)
+    print(open(paths["md"]).read())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.fetch import resolve_model, sli_home
+
+    if a.scale:
+        return cmd_bench_scale(a)
 
     cfg = BenchConfig(
         model=str(resolve_model(a.model)),
@@ -316,9 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="sli against transformers, accelerate offload and AirLLM at several budgets")
-    b.add_argument("model", help="model folder or the fetched test model's name")
+    b.add_argument("model", nargs="?", default="SmolLM2-135M-Instruct", help="model folder or the fetched test model's name")
+    b.add_argument("--scale", choices=["8b", "1b"], default=None,
+                   help="a random model in Llama-3.1-8B's (or 3.2-1B's) shapes: quantize, stream cold under a cgroup limit, beside accelerate and llama.cpp (see sli.bench_scale)")
+    b.add_argument("--workdir", default=None, help="--scale: where the model, caches and GGUF go (default $SLI_HOME/scale-<shape>)")
+    b.add_argument("--llama-convert", default=None, help="--scale: llama.cpp's convert_hf_to_gguf.py, to make its Q4_0")
+    b.add_argument("--budgets", default=None, help="--scale: comma-separated budgets (default 1GB,2GB,4GB)")
+    b.add_argument("--new-tokens-scale", type=int, default=None, help="--scale: tokens decoded per point (default 8)")
+    b.add_argument("--prompt-tokens", type=int, default=None, help="--scale: prompt length for the prefill (default 512)")
+    b.add_argument("--keep", action="store_true", help="--scale: keep what the run made")
     b.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
-    b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
+    b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png (--scale: docs/results)")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--modes", default="none,int8,nf4,int4")
     b.add_argument("--peers", default="transformers,transformers-bf16,accelerate,airllm")

@@ -61,6 +61,8 @@ class UniversalSLIProcessor:
         context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
         prefetch: decode the next streamed layer on a background thread (see
             :class:`~runtime.executor.StreamingModel`).
+        readahead: have the kernel read the next streamed layer while this one computes (on
+            by default; off only to measure what it is worth).
         spill_limit: disk space for KV blocks spilled to ``<cache_dir>/kv-spill`` and
             reused across processes (``None`` or 0: no spilling).
 
@@ -83,6 +85,7 @@ class UniversalSLIProcessor:
         device: str = "cpu",
         context_tokens: int | None = None,
         prefetch: bool = False,
+        readahead: bool = True,
         spill_limit: str | int | None = "1GiB",
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
@@ -111,6 +114,7 @@ class UniversalSLIProcessor:
             )
         self.context_tokens = context_tokens
         self.prefetch = prefetch
+        self.readahead = readahead
         self.spill_limit = parse_size(spill_limit) if spill_limit else 0
         self._prefix = None
         self._spill = None
@@ -191,7 +195,8 @@ class UniversalSLIProcessor:
             self._store = LayerStore(self.cache_dir, readonly=True)
             budget = self.memory_budget if self.memory_budget is not None else 1 << 50
             self._model = StreamingModel(
-                self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens
+                self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens,
+                readahead=self.readahead,
             )
         return self._model
 
