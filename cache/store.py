@@ -147,9 +147,10 @@ def _acquire_env(path: Path, *, readonly: bool) -> lmdb.Environment:
                 max_dbs=4,
                 readonly=readonly,
                 lock=True,
-                # no read-ahead on page faults: streamed records are read ahead explicitly, whole
-                # (cache.readahead), and the B-tree's scattered pages need no more than they touch
-                readahead=False,
+                # the kernel's own read-ahead on page faults stays on: under a tight memory limit,
+                # pages read ahead explicitly (cache.readahead) can be reclaimed before use, and
+                # with LMDB's random-access advice each of them then came back 4 KiB at a time
+                readahead=True,
                 # a transaction's dirty pages are malloc'd and written with pwrite at commit: a
                 # writable map would fault every new page in from the file system first, which made
                 # writing 4.3 GB of an 8 B model's records cost ~1.2 M major faults (measured)

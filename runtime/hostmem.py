@@ -2,7 +2,8 @@
 
 The limit is the tightest of the memory cgroups on this process's path (cgroup v2
 ``memory.max``, or v1 ``memory.limit_in_bytes``, walking up to the root: a parent's limit
-binds its children too), less what the cgroup already uses; without a limit, the host's
+binds its children too), less what the cgroup holds that reclaim cannot take (anonymous and
+mapped file pages, from ``memory.stat``; unmapped page cache is given back on demand); without a limit, the host's
 available RAM (``MemAvailable``). A cgroup counts page cache as well as anonymous memory, so
 the records a streamed layer reads count against it. From what is left, :data:`AUTO_MARGIN_BYTES`
 plus :data:`AUTO_MARGIN_SHARE` of it is kept back: for records in flight in the page cache
@@ -32,6 +33,13 @@ class CgroupMemory:
     path: Path  # the cgroup directory whose limit binds
     limit_bytes: int
     usage_bytes: int  # what the whole cgroup holds now (anonymous and page cache)
+    pinned_bytes: int = -1  # of it, what reclaim cannot take: anonymous and mapped file pages (-1: unknown)
+
+    @property
+    def free_bytes(self) -> int:
+        """What the cgroup can still give: its limit less the memory reclaim cannot take
+        (page cache that is not mapped is reclaimed on demand, so it does not count)."""
+        return self.limit_bytes - (self.pinned_bytes if self.pinned_bytes >= 0 else self.usage_bytes)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,16 @@ def _own_cgroups(proc_cgroup: Path) -> dict[int | str, str]:
     return out
 
 
+def _pinned(stat: Path, version: int) -> int:
+    """Anonymous plus mapped file bytes from a cgroup's memory.stat (-1 when unreadable)."""
+    keys = ("total_rss", "total_mapped_file") if version == 1 else ("anon", "file_mapped")
+    try:
+        fields = dict(line.split() for line in stat.read_text().splitlines() if line.count(" ") == 1)
+        return sum(int(fields[k]) for k in keys)
+    except (OSError, KeyError, ValueError):
+        return -1
+
+
 def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupMemory | None:
     """The binding memory cgroup of this process, or None where no cgroup sets a limit."""
     own = _own_cgroups(proc_cgroup)
@@ -99,7 +117,7 @@ def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self
             limit = _read_int(d / limit_file)
             if limit is not None and (best is None or limit < best.limit_bytes):
                 usage_file = "memory.usage_in_bytes" if version == 1 else "memory.current"
-                best = CgroupMemory(version, d, limit, _read_int(d / usage_file) or 0)
+                best = CgroupMemory(version, d, limit, _read_int(d / usage_file) or 0, _pinned(d / "memory.stat", version))
             if d == base or d.parent == d:
                 break
             d = d.parent
@@ -114,10 +132,10 @@ def auto_budget() -> HostBudget:
     """
     cg = cgroup_memory()
     if cg is not None:
-        available = cg.limit_bytes - cg.usage_bytes
+        available = cg.free_bytes
         source = (
-            f"cgroup v{cg.version} limit {format_size(cg.limit_bytes)} at {cg.path}, "
-            f"{format_size(cg.usage_bytes)} of it in use (this process {format_size(psutil.Process(os.getpid()).memory_info().rss)})"
+            f"cgroup v{cg.version} limit {format_size(cg.limit_bytes)} at {cg.path}, {format_size(cg.limit_bytes - cg.free_bytes)} "
+            f"of it held (anonymous and mapped; this process {format_size(psutil.Process(os.getpid()).memory_info().rss)})"
         )
     else:
         available = psutil.virtual_memory().available
@@ -130,3 +148,15 @@ def auto_budget() -> HostBudget:
             "nothing is left. Raise the limit, or pass an explicit --memory-budget"
         )
     return HostBudget(budget, available, margin, source)
+
+
+def readahead_room(need: int) -> tuple[bool, str]:
+    """Whether the page cache has ``need`` bytes to spare for records read ahead: in this
+    process's memory cgroup (limit less usage), else the host's available RAM."""
+    cg = cgroup_memory()
+    if cg is not None:
+        free, where = cg.free_bytes, f"cgroup v{cg.version} limit {format_size(cg.limit_bytes)}"
+    else:
+        free, where = psutil.virtual_memory().available, "available RAM"
+    verdict = "leaves" if free >= need else "does not leave"
+    return free >= need, f"{where} has {format_size(free)} free, which {verdict} the {format_size(need)} records in flight need"

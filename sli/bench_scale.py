@@ -220,7 +220,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
             p = UniversalSLIProcessor(spec["model"], quantization_config=spec["mode"], cache_dir=spec["cache_dir"],
                                       memory_budget=spec["budget"], dtype="bfloat16", progress=False,
-                                      context_tokens=spec["context_tokens"], readahead=spec.get("readahead", True))
+                                      context_tokens=spec["context_tokens"], readahead=spec.get("readahead"))
             m = p.model
             tok = p.tokenizer
             if spec.get("batch"):
@@ -237,7 +237,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                     clock.tick()
                 out = {**clock.summary(len(ids)), "record_bytes_per_token": gen.stats.bytes_read_per_token,
                        "tokens": gen.token_ids}
-            out.update(plan=m.plan.describe(), streamed_layers=len(m.plan.streamed_layers))
+            out.update(plan=m.plan.describe(), streamed_layers=len(m.plan.streamed_layers),
+                       readahead_used=m._readahead is not None, readahead_reason=getattr(m, "readahead_reason", ""))
         elif kind == "accelerate":
             from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
@@ -473,6 +474,7 @@ def run_scale(cfg: ScaleConfig, progress=logger.info) -> dict[str, Any]:
     cg = cgroup_for(mid)
     try:
         point("sli", mid, cg, readahead=False)
+        point("sli", mid, cg, readahead=True)
         for b in cfg.batch_sizes:
             point("sli", mid, cg, batch=b)
     finally:
@@ -542,6 +544,8 @@ def markdown(res: dict[str, Any]) -> str:
     for p in res["points"]:
         r = p["result"]
         extra = ", ".join(f"{k}={r[k]}" for k in ("readahead", "batch") if k in r)
+        if "readahead_used" in r and "readahead" not in r:
+            extra = ", ".join(x for x in (extra, f"read-ahead {'on' if r['readahead_used'] else 'off'} (auto)") if x)
         share = f"{r['share_of_bound']:.0%}" if r.get("share_of_bound") else "–"
         lines.append(
             f"| {p['system']} | {p['budget']} | {p['regime']} | {r.get('decode_tok_s', 0):.2f} | {r.get('bound_tok_s', 0):.2f} | {share} | "

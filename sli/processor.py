@@ -61,8 +61,9 @@ class UniversalSLIProcessor:
         context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
         prefetch: decode the next streamed layer on a background thread (see
             :class:`~runtime.executor.StreamingModel`).
-        readahead: have the kernel read the next streamed layer while this one computes (on
-            by default; off only to measure what it is worth).
+        readahead: have the kernel read the next streamed layer while this one computes.
+            Default: on where the host's page cache has room for it (see
+            :class:`~runtime.executor.StreamingModel`).
         spill_limit: disk space for KV blocks spilled to ``<cache_dir>/kv-spill`` and
             reused across processes (``None`` or 0: no spilling).
 
@@ -85,7 +86,7 @@ class UniversalSLIProcessor:
         device: str = "cpu",
         context_tokens: int | None = None,
         prefetch: bool = False,
-        readahead: bool = True,
+        readahead: bool | None = None,
         spill_limit: str | int | None = "1GiB",
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:

@@ -82,6 +82,7 @@ def _fake_cgroups(root: Path, proc: Path, *, v1_limit=None, v2_limit=None, usage
         d.mkdir(parents=True)
         (root / "memory" / "outer" / "memory.limit_in_bytes").write_text(str(v1_limit))
         (root / "memory" / "outer" / "memory.usage_in_bytes").write_text(str(usage))
+        (root / "memory" / "outer" / "memory.stat").write_text(f"cache {usage}\nrss 1\ntotal_rss {usage // 2}\ntotal_mapped_file {usage // 4}\n")
         (d / "memory.limit_in_bytes").write_text(str(9223372036854771712))  # "no limit" in v1
         lines.append("4:memory:/outer/inner")
     if v2_limit is not None:
@@ -100,6 +101,7 @@ def test_cgroup_limits_are_found_in_v1_and_v2_layouts(tmp_path):
     _fake_cgroups(v1, tmp_path / "p1", v1_limit=900 << 20)
     cg = cgroup_memory(v1, tmp_path / "p1")
     assert (cg.version, cg.limit_bytes, cg.usage_bytes) == (1, 900 << 20, 100 << 20)
+    assert cg.free_bytes == (900 << 20) - (75 << 20)  # reclaimable page cache does not count
     assert cg.path == v1 / "memory" / "outer"  # the parent's limit binds the child
     v2 = tmp_path / "v2"
     _fake_cgroups(v2, tmp_path / "p2", v2_limit=2 << 30)
@@ -114,12 +116,12 @@ def test_auto_budget_plans_within_the_limit_less_the_margin(monkeypatch):
     from runtime import hostmem
     from runtime.hostmem import CgroupMemory
 
-    monkeypatch.setattr(hostmem, "cgroup_memory", lambda: CgroupMemory(2, Path("/x"), 1000 << 20, 200 << 20))
+    monkeypatch.setattr(hostmem, "cgroup_memory", lambda: CgroupMemory(2, Path("/x"), 1000 << 20, 900 << 20, 200 << 20))
     b = auto_budget()
     avail = 800 << 20
     assert b.available_bytes == avail
     assert b.budget_bytes == avail - AUTO_MARGIN_BYTES - int(0.10 * avail)
     assert "cgroup v2 limit" in b.describe()
-    monkeypatch.setattr(hostmem, "cgroup_memory", lambda: CgroupMemory(1, Path("/x"), 150 << 20, 100 << 20))
+    monkeypatch.setattr(hostmem, "cgroup_memory", lambda: CgroupMemory(1, Path("/x"), 150 << 20, 140 << 20, 100 << 20))
     with pytest.raises(ValueError, match="nothing is left"):
         auto_budget()
