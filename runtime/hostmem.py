@@ -73,7 +73,7 @@ def _read_int(p: Path) -> int | None:
     return None if v >= _UNLIMITED else v
 
 
-def _own_cgroups(proc_cgroup: Path) -> dict[int | str, str]:
+def own_cgroups(proc_cgroup: Path) -> dict[int | str, str]:
     """``{0: v2 path, "memory": v1 memory path}`` from ``/proc/self/cgroup``."""
     out: dict[int | str, str] = {}
     try:
@@ -103,7 +103,7 @@ def _pinned(stat: Path, version: int) -> int:
 
 def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupMemory | None:
     """The binding memory cgroup of this process, or None where no cgroup sets a limit."""
-    own = _own_cgroups(proc_cgroup)
+    own = own_cgroups(proc_cgroup)
     candidates: list[tuple[int, Path, str, str]] = []
     if "memory" in own and (root / "memory").is_dir():  # v1: the memory controller's own hierarchy
         candidates.append((1, root / "memory", own["memory"], "memory.limit_in_bytes"))

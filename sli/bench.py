@@ -202,26 +202,40 @@ def worker_main() -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         res = _worker(spec)
-        sys.stdout.write("SLI-BENCH-RESULT " + json.dumps(res) + "\n")  # the worker's reply to run_bench
+        sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")  # the worker's reply to run_bench
         return 0
     except ImportError as e:
-        sys.stdout.write("SLI-BENCH-RESULT " + json.dumps({"error": f"not installed: {e}"}) + "\n")
+        sys.stdout.write(RESULT_MARK + json.dumps({"error": f"not installed: {e}"}) + "\n")
         return 0
 
 
 # -- the driver -----------------------------------------------------------------------------
-def _run_point(spec: dict[str, Any], timeout_s: int) -> tuple[dict[str, Any], str]:
-    cmd = [sys.executable, "-c", "import sys; from sli.bench import worker_main; sys.exit(worker_main())", json.dumps(spec)]
+RESULT_MARK = "SLI-BENCH-RESULT "
+
+
+def run_worker(module: str, spec: dict[str, Any], timeout_s: int, wrap=None) -> tuple[dict[str, Any], str]:
+    """Run ``module.worker_main`` on ``spec`` in a fresh interpreter (through ``wrap(cmd)``,
+    e.g. into a cgroup); returns (result, error)."""
+    cmd = [sys.executable, "-c", f"import sys; from {module} import worker_main; sys.exit(worker_main())", json.dumps(spec)]
+    if wrap is not None:
+        cmd = wrap(cmd)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     try:
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {}, f"timed out after {timeout_s}s"
     for line in cp.stdout.splitlines():
-        if line.startswith("SLI-BENCH-RESULT "):
+        if line.startswith(RESULT_MARK):
             res = json.loads(line.split(" ", 1)[1])
             return (res, res.pop("error", "")) if "error" in res else (res, "")
-    return {}, (cp.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = (cp.stderr.strip().splitlines() or ["no output"])[-1]
+    if cp.returncode < 0 or cp.returncode == 137:
+        tail = f"died with signal {-cp.returncode if cp.returncode < 0 else 9} (9: out of memory under a limit): {tail}"
+    return {}, tail
+
+
+def _run_point(spec: dict[str, Any], timeout_s: int) -> tuple[dict[str, Any], str]:
+    return run_worker("sli.bench", spec, timeout_s)
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from cache.readahead import drop_file_cache
-from runtime.hostmem import CGROUP_ROOT, _own_cgroups
+from runtime.hostmem import CGROUP_ROOT, own_cgroups
+from sli.bench import RESULT_MARK, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class MemoryCgroup:
     started through :meth:`wrap` run inside it. Raises OSError where none can be made."""
 
     def __init__(self, limit_bytes: int, root: Path = CGROUP_ROOT) -> None:
-        own = _own_cgroups(Path("/proc/self/cgroup"))
+        own = own_cgroups(Path("/proc/self/cgroup"))
         if "memory" in own and (root / "memory").is_dir():
             self.version, parent = 1, root / "memory" / own["memory"].lstrip("/")
             files = {"memory.limit_in_bytes": limit_bytes, "memory.memsw.limit_in_bytes": limit_bytes}
@@ -261,18 +262,32 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             out = {**clock.summary(ids.shape[1]), "tokens": gen[0, ids.shape[1]:].tolist()}
             shutil.rmtree(off, ignore_errors=True)
         elif kind == "llama.cpp":
+            import llama_cpp
             from llama_cpp import Llama
 
+            if spec.get("no_repack"):  # keep the weights in the mapped file, as sli and accelerate do
+                default = llama_cpp.llama_cpp.llama_model_default_params
+
+                def params():
+                    p = default()
+                    p.use_extra_bufts = False
+                    return p
+
+                llama_cpp.llama_cpp.llama_model_default_params = params
             llm = Llama(model_path=spec["gguf"], n_ctx=spec["context_tokens"], n_threads=os.cpu_count(), n_batch=512,
                         use_mmap=True, verbose=False)
             ids = llm.tokenize(PROMPT_TEXT.encode() * (spec["prompt_tokens"] // 30 + 2), add_bos=True)[: spec["prompt_tokens"]]
-            clock = _Clock()
+            import numpy as np
+
+            clock, toks = _Clock(), []
             clock.start()
-            for k, _ in enumerate(llm.generate(ids, temp=0.0, reset=True)):
+            llm.eval(ids)  # the prefill: the first token's logits are ready
+            for _ in range(spec["new_tokens"]):
+                toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))  # greedy, as every other point
                 clock.tick()
-                if k + 1 >= spec["new_tokens"]:
-                    break
-            out = clock.summary(len(ids))
+                if len(toks) < spec["new_tokens"]:
+                    llm.eval([toks[-1]])
+            out = {**clock.summary(len(ids)), "tokens": toks}
         else:
             raise ValueError(kind)
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -307,27 +322,12 @@ def worker_main() -> int:
         res = _worker(spec)
     except ImportError as e:
         res = {"error": f"not installed: {e}"}
-    sys.stdout.write("SLI-SCALE-RESULT " + json.dumps(res) + "\n")
+    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
     return 0
 
 
 def _run(spec: dict[str, Any], timeout_s: int, cgroup: MemoryCgroup | None = None) -> tuple[dict[str, Any], str]:
-    cmd = [sys.executable, "-c", "import sys; from sli.bench_scale import worker_main; sys.exit(worker_main())", json.dumps(spec)]
-    if cgroup is not None:
-        cmd = cgroup.wrap(cmd)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {}, f"timed out after {timeout_s}s"
-    for line in cp.stdout.splitlines():
-        if line.startswith("SLI-SCALE-RESULT "):
-            res = json.loads(line.split(" ", 1)[1])
-            return (res, res.pop("error", "")) if "error" in res else (res, "")
-    tail = (cp.stderr.strip().splitlines() or ["no output"])[-1]
-    if cp.returncode in (-9, 137):
-        tail = f"killed (out of memory under the cgroup limit?): {tail}"
-    return {}, tail
+    return run_worker("sli.bench_scale", spec, timeout_s, wrap=cgroup.wrap if cgroup is not None else None)
 
 
 def import_baseline(model: Path) -> int:
@@ -416,6 +416,8 @@ def run_scale(cfg: ScaleConfig, progress=logger.info) -> dict[str, Any]:
         progress("making llama.cpp's Q4_0 with its converter and quantizer")
         res["llama_cpp_quantize"] = make_q4_0(model, gguf, Path(cfg.llama_convert))
         made.append(gguf)
+    if gguf.exists():
+        res["host"]["gguf_bytes"] = gguf.stat().st_size
     peers = [p for p in cfg.peers if p != "llama.cpp" or gguf.exists()]
     if "llama.cpp" in cfg.peers and not gguf.exists():
         res["notes"] = [f"llama.cpp skipped: no {gguf} and no --llama-convert (llama.cpp's convert_hf_to_gguf.py)"]
@@ -562,6 +564,14 @@ def markdown(res: dict[str, Any]) -> str:
         ratio = lambda k: f"{s / d[k]:.1f}x" if s and d.get(k) else "–"  # noqa: E731
         if "accelerate" in d or "llama.cpp" in d:
             lines.append(f"| {budget} | {regime} | {ratio('accelerate')} | {ratio('llama.cpp')} |")
+    sli_tokens = [(p["budget"], p["regime"], p["result"]["tokens"]) for p in res["points"]
+                  if p["system"] == "sli" and p["result"].get("tokens")]
+    everything = [t for b, _, t in sli_tokens if b == "64GB"]
+    if everything:
+        same = [f"{b} {r.split(',')[0]}" for b, r, t in sli_tokens if t == everything[0]]
+        differ = [f"{b} {r.split(',')[0]}" for b, r, t in sli_tokens if t != everything[0]]
+        lines += ["", f"sli's tokens equal those of holding everything at {len(same)} of {len(sli_tokens)} points"
+                  + (f"; they differ at: {', '.join(differ)}" if differ else " (every budget, cold in the cgroup and warm).")]
     for n in res.get("notes", []):
         lines += ["", f"Note: {n}"]
     return "\n".join(lines) + "\n"
