@@ -35,9 +35,18 @@ def int4_cache(scale_model) -> tuple[Path, dict]:
     return cache, res
 
 
-def test_quantizing_holds_at_most_two_layers(int4_cache):
-    _, res = int4_cache
-    assert res["peak_anon_bytes"] <= 2 * LAYER_BF16, (res["peak_anon_bytes"] / 1e6, 2 * LAYER_BF16 / 1e6)
+def test_quantizing_holds_a_group_and_a_layer_at_most(int4_cache):
+    """A group commits whole, so LMDB holds its records until the commit while the next
+    layer is quantized: the bound is the largest group as stored plus one layer in bf16.
+    Here the largest group is the tied embedding kept in bf16 (201 MB); for an 8 B model the
+    same bound is under two of its layers in bf16 (measured: 524 MB against 872 MB)."""
+    from cache import LayerStore
+
+    cache, res = int4_cache
+    with LayerStore(cache, readonly=True) as st:
+        m = st.require_manifest(st.list_variants()[0])
+        largest = max(g.stored_bytes for g in m.groups)
+    assert res["peak_anon_bytes"] <= largest + LAYER_BF16, (res["peak_anon_bytes"] / 1e6, largest / 1e6, LAYER_BF16 / 1e6)
 
 
 def _generate(model: Path, cache: Path, budget: str, cgroup=None) -> dict:
