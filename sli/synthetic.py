@@ -20,7 +20,7 @@ from transformers import LlamaConfig
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def write_model(out: Path, s: Shape, *, vocab: int, seed: int = 0, tokenizer_fro
     cfg.save_pretrained(out)
     if tokenizer_from is not None:
         for f in TOKENIZER_FILES:
-            if (tokenizer_from / f).exists() and f != "generation_config.json":
+            if (tokenizer_from / f).exists():
                 shutil.copy(tokenizer_from / f, out / f)
     g = torch.Generator().manual_seed(seed)
 
