@@ -42,6 +42,10 @@ from sli.bench import RESULT_MARK, run_worker
 
 logger = logging.getLogger(__name__)
 
+# llama.cpp with use_extra_bufts=false: its Q4_0 weights stay in the mapped file (as sli's and
+# accelerate's do) instead of being repacked into anonymous memory at load, which a limit
+# smaller than the file kills
+LLAMA_MMAP = "llama.cpp (mmap, no repack)"
 CGROUP_MARGIN = 256 << 20  # beyond budget + import baseline: allocator slack, records in flight
 PROMPT_TEXT = (
     "The history of computing is a story of machines that did not fit. Early computers filled rooms; "
@@ -419,9 +423,11 @@ def run_scale(cfg: ScaleConfig, progress=logger.info) -> dict[str, Any]:
     if gguf.exists():
         res["host"]["gguf_bytes"] = gguf.stat().st_size
     peers = [p for p in cfg.peers if p != "llama.cpp" or gguf.exists()]
+    if "llama.cpp" in peers:  # as shipped (weights repacked into anonymous memory) and from its mapped file
+        peers.insert(peers.index("llama.cpp") + 1, LLAMA_MMAP)
     if "llama.cpp" in cfg.peers and not gguf.exists():
         res["notes"] = [f"llama.cpp skipped: no {gguf} and no --llama-convert (llama.cpp's convert_hf_to_gguf.py)"]
-    files = {"sli": sli_files, "accelerate": shards, "llama.cpp": [gguf]}
+    files = {"sli": sli_files, "accelerate": shards, "llama.cpp": [gguf], LLAMA_MMAP: [gguf]}
     base = import_baseline(model)
     res["host"]["import_baseline_bytes"] = base
     ctx = cfg.prompt_tokens + cfg.new_tokens + 16
@@ -434,7 +440,7 @@ def run_scale(cfg: ScaleConfig, progress=logger.info) -> dict[str, Any]:
             return {**common, "kind": "sli", "mode": "int4", "cache_dir": str(int4), "budget": budget, **extra}
         if system == "accelerate":
             return {**common, "kind": "accelerate", "budget_bytes": parse_size(budget)}
-        return {**common, "kind": "llama.cpp", "gguf": str(gguf)}
+        return {**common, "kind": "llama.cpp", "gguf": str(gguf), "no_repack": system == LLAMA_MMAP}
 
     def point(system: str, budget: str, cg: MemoryCgroup | None, **extra) -> ScalePoint:
         if cg is not None:
