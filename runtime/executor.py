@@ -263,7 +263,9 @@ class StreamingModel:
         # queue, not on a core), one streamed layer ahead of the one computing
         if readahead is None and self.plan.streaming:
             room, why = readahead_room(3 * self.plan.slot_bytes)  # the layer computing, the next, slack
-            readahead = room and WILLNEED_SUPPORTED
+            if not WILLNEED_SUPPORTED:
+                room, why = False, "this platform has no madvise(MADV_WILLNEED)"
+            readahead = room
             self.readahead_reason = why
             logger.info("read-ahead %s: %s", "on" if readahead else "off", why)
         else:

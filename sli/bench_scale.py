@@ -81,15 +81,19 @@ class ScalePoint:
 
 
 # -- host measurements -------------------------------------------------------------------------
+def _files(paths: list[Path]) -> list[Path]:
+    """The files named, and those under the folders named."""
+    return [f for p in paths for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()))]
+
+
 def drop_caches(paths: list[Path]) -> None:
     """Evict files from the page cache: each file by advice, then the whole cache where allowed."""
-    for p in paths:
-        for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
-            drop_file_cache(f)
+    for f in _files(paths):
+        drop_file_cache(f)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        pass  # not allowed here: the per-file advice above is what we have
+    except OSError as e:
+        logger.info("cannot drop the whole page cache here (%s); the files were dropped one by one", e)
 
 
 def disk_read_speed(files: list[Path], *, streams: int, limit: int = 2 << 30) -> float:
@@ -181,13 +185,11 @@ class MemoryCgroup:
 
 # -- workers (each in a process of its own) --------------------------------------------------
 def _io_read_bytes() -> int:
-    try:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """Bytes this process has had read from storage (Linux ``/proc/self/io``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise OSError("/proc/self/io has no read_bytes line: this kernel does not account I/O per process")
 
 
 def _prompt_ids(tok, n: int) -> list[int]:
@@ -217,8 +219,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             p = UniversalSLIProcessor(spec["model"], quantization_config=QuantizationConfig(mode=spec["mode"]),
                                       cache_dir=spec["cache_dir"], progress=False)
             r = p.quantize()
-            out = {"seconds": r.seconds, "MB_per_s": r.mb_per_s, "cache_bytes": r.summary().get("stored_bytes"),
-                   "bits_per_weight": r.bits_per_weight}
+            out = {"seconds": r.seconds, "MB_per_s": r.mb_per_s, "bits_per_weight": r.bits_per_weight}
         elif kind == "sli":
             from runtime.generate import GenerationOutput
             from sli.processor import UniversalSLIProcessor
@@ -344,8 +345,7 @@ def import_baseline(model: Path) -> int:
 
 def _warm(paths: list[Path]) -> None:
     """Read files whole into the page cache (four reads in flight)."""
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()))]
-    for f in files:
+    for f in _files(paths):
         with open(f, "rb") as fh:
             while fh.read(16 << 20):
                 pass
@@ -499,7 +499,8 @@ def run_scale(cfg: ScaleConfig, progress=logger.info) -> dict[str, Any]:
 def _touched_bytes(res: dict[str, Any], system: str) -> int:
     """Weight bytes one decode step reads from memory when everything is cached."""
     if system == "sli":
-        return int(res["quantize"].get("int4", {}).get("cache_bytes") or 0) // 2  # the cache holds records and their derived copy
+        # measured right after quantizing, before the derived kernel copy (the same size) exists
+        return int(res["quantize"].get("int4", {}).get("cache_bytes") or 0)
     if system == "accelerate":
         return int(res["host"]["model_bytes"])
     return int(res.get("llama_cpp_quantize", {}).get("gguf_bytes") or res["host"].get("gguf_bytes") or 0)
