@@ -22,6 +22,18 @@ import torch
 from cache.record import EncodedTensor, dtype_from_name, dtype_name
 
 
+def _bnb_functional():
+    """bitsandbytes' functional module, or an ImportError that names the fix."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as e:
+        raise ImportError(
+            f"bitsandbytes is required for the int8 (LLM.int8), nf4 and fp4 codecs ({e}); "
+            "install it: pip install 'bitsandbytes>=0.41.0'"
+        ) from e
+    return bnbf
+
+
 class CodecName(str, Enum):
     """Names of the codecs, as stored in record headers."""
 
@@ -94,7 +106,7 @@ class Int8OutlierCodec(Codec):
     name = CodecName.INT8_OUTLIER
 
     def encode(self, w: torch.Tensor, *, threshold: float = 6.0, outlier_dtype=torch.bfloat16, **_: Any) -> EncodedTensor:
-        import bitsandbytes.functional as bnbf
+        bnbf = _bnb_functional()
 
         self._check_2d(w)
         w32 = w.float()
@@ -162,7 +174,7 @@ class BnB4BitCodec(Codec):
         quant_storage: torch.dtype = torch.uint8,
         **_: Any,
     ) -> EncodedTensor:
-        import bitsandbytes.functional as bnbf
+        bnbf = _bnb_functional()
 
         src = w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
         packed, state = bnbf.quantize_4bit(
@@ -179,16 +191,15 @@ class BnB4BitCodec(Codec):
         return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
 
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
-
-        out = torch.empty(enc.shape, dtype=dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32)
+        out = torch.empty(enc.shape, dtype=dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32,
+                          device=enc.parts["packed"].device)
         return self.decode_into(enc, out).to(dtype)
 
     def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
+        bnbf = _bnb_functional()
 
         qs = {k[3:]: v for k, v in enc.parts.items() if k.startswith("qs:")}
-        state = bnbf.QuantState.from_dict(qs, device=torch.device("cpu"))
+        state = bnbf.QuantState.from_dict(qs, device=enc.parts["packed"].device)
         state.dtype = out.dtype  # dequantize straight to the caller's dtype (bnb's CPU backend has no out= variant)
         return out.copy_(bnbf.dequantize_4bit(enc.parts["packed"], state).view(out.shape))
 

@@ -76,6 +76,7 @@ class GroupEntry:
     name: str
     tensors: list[TensorEntry]
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # what the writer wants kept beside the entry (JSON)
 
     @property
     def original_bytes(self) -> int:
@@ -94,7 +95,10 @@ class GroupEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GroupEntry":
-        return cls(name=d["name"], tensors=[TensorEntry.from_dict(t) for t in d["tensors"]], seconds=d.get("seconds", 0.0))
+        return cls(
+            name=d["name"], tensors=[TensorEntry.from_dict(t) for t in d["tensors"]], seconds=d.get("seconds", 0.0),
+            extra=d.get("extra", {}),
+        )
 
 
 @dataclass

@@ -481,6 +481,54 @@ class LayerStore:
             for t in group.tensors:
                 yield t.name, self.read_tensor(vid, t, dtype)
 
+    def adopt_map_size(self) -> None:
+        """After another process grew the map (``lmdb.MapResizedError``): take its new size."""
+        self.env.set_mapsize(0)
+
+    def iter_groups(self, vid_prefix: str) -> Iterator[tuple[str, GroupEntry]]:
+        """(variant id, group entry) of every written group of the variants whose id starts with ``vid_prefix``."""
+        start = _k(f"variant/{vid_prefix}")
+        with self.env.begin(db=self._meta) as txn:
+            cur = txn.cursor()
+            if cur.set_range(start):
+                for key, raw in cur:
+                    if not key.startswith(start):
+                        break
+                    parts = key.decode().split("/", 3)
+                    if len(parts) == 4 and parts[2] == "group":
+                        yield parts[1], GroupEntry.from_dict(json.loads(raw))
+
+    def put_meta(self, items: Mapping[str, Any]) -> None:
+        """Write small JSON values under ``aux/<key>`` in one transaction (None deletes)."""
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        with self.env.begin(write=True, db=self._meta) as txn:
+            for key, value in items.items():
+                if value is None:
+                    txn.delete(_k(f"aux/{key}"))
+                else:
+                    txn.put(_k(f"aux/{key}"), json.dumps(value).encode())
+
+    def get_meta(self, key: str) -> Any:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(_k(f"aux/{key}"))
+        return None if raw is None else json.loads(raw)
+
+    def delete_group(self, vid: str, group: str) -> GroupEntry | None:
+        """Remove one group's records and entry in one transaction; returns the entry removed."""
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_k(f"variant/{vid}/group/{group}"), db=self._meta)
+            if raw is None:
+                return None
+            entry = GroupEntry.from_dict(json.loads(raw))
+            for t in entry.tensors:
+                for rname in t.record_names():
+                    txn.delete(_k(f"{vid}/{rname}"), db=self._tensors)
+            txn.delete(_k(f"variant/{vid}/group/{group}"), db=self._meta)
+        return entry
+
     def delete_variant(self, vid: str) -> None:
         """Remove a variant's records and entries (the model's shared files stay)."""
         if self.readonly:

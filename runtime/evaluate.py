@@ -20,6 +20,13 @@ from runtime.executor import StreamingModel
 from runtime.generate import SamplingConfig, generate
 
 
+def default_text() -> str:
+    """The evaluation text that ships with every Python: the pydoc topic help pages."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     perplexity: float

@@ -81,6 +81,17 @@ class GenerationOutput:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+@dataclass
+class GenerationResult:
+    """Generated text with its token ids and stats (what ``generate`` and a chat turn return)."""
+
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    texts: list[str] = field(default_factory=list)  # one per prompt when a list was given
+    batch_token_ids: list[list[int]] = field(default_factory=list)
+
+
 class _Chooser:
     def __init__(self, cfg: SamplingConfig) -> None:
         from transformers import (

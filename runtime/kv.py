@@ -295,3 +295,30 @@ class PrefixCachingSession:
             self.pool.release(b)
         seq.blocks = []
         logger.debug("request filed: %d full blocks of %d tokens", len(hashes), bs)
+
+
+def prefix_session_for(model, *, spill=None, block_size: int = DEFAULT_BLOCK_SIZE) -> PrefixCachingSession:
+    """A :class:`PrefixCachingSession` for a streaming model: a pool of the blocks its planned
+    context holds (``model.context_tokens``, inside its budget), keyed by its variant and dtype.
+
+    Raises:
+        ValueError: the model uses sliding-window attention, which the paged cache does not handle.
+    """
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and any(
+        t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or ["sliding_attention"])
+    ):
+        raise ValueError(
+            f"{cfg.model_type} uses sliding-window attention, which the paged KV cache does not handle; "
+            "pass prefix_cache=False"
+        )
+    heads = cfg.num_attention_heads
+    pool = BlockPool(
+        max(1, model.context_tokens // block_size),
+        block_size=block_size,
+        num_layers=cfg.num_hidden_layers,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        dtype=model.dtype,
+    )
+    return PrefixCachingSession(pool, salt=f"{model.variant_id}:{model.dtype}", num_layers=cfg.num_hidden_layers, spill=spill)

@@ -5,7 +5,7 @@ once into an HF folder under $SLI_HOME/models. Same as `sli fetch-model`."""
 import logging
 import sys
 
-from sli.fetch import fetch_model, gguf_path
+from sli.offline.fetch import fetch_model, gguf_path
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

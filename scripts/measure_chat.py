@@ -72,7 +72,7 @@ def main() -> None:
         s = c.send(QUESTION_2, max_new_tokens=args.new_tokens, prefix_cache=reuse).stats
         same[label] = {"ttft_s": s.time_to_first_token_s, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                        "prefill_tokens": s.prefill_tokens, "peak_rss_MB": s.peak_rss_bytes / 1e6}
-    plan = p.model.plan.describe()
+    plan = p.load().plan.describe()
     p.close()
     child = subprocess.run([sys.executable, __file__, args.model, "--mode", args.mode, "--budget", args.budget, "--dtype", args.dtype,
                             "--context", str(args.context), "--new-tokens", str(args.new_tokens), "--cache", args.cache,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from sli import UniversalSLIProcessor
-from sli.config import QuantizationConfig, get_mixed_precision_config
+from sli.quantization import QuantizationConfig, get_mixed_precision_config
 from sli.validate import validate
 
 MODES = ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "int2")

@@ -84,7 +84,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 context_tokens=spec.get("context_tokens"),
                 progress=False,
             )
-            m = p.model
+            m = p.load()
             p.tokenizer
             r = p.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True)
         s = r.stats
@@ -240,7 +240,7 @@ def _run_point(spec: dict[str, Any], timeout_s: int) -> tuple[dict[str, Any], st
 
 def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
     """Run every point; returns them (also written by :func:`write_outputs`)."""
-    from sli.sources import open_source
+    from sli.offline.sources import open_source
 
     src = open_source(cfg.model)
     bf16_bytes = sum(src.tensor_nbytes(n) for n in src.tensor_names())  # the source's own bytes (bf16 for the real model)

@@ -213,7 +213,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with PeakMemorySampler(interval=0.005) as mem:
         if kind == "quantize":
-            from sli.config import QuantizationConfig
+            from sli.offline.config import QuantizationConfig
             from sli.processor import UniversalSLIProcessor
 
             p = UniversalSLIProcessor(spec["model"], quantization_config=QuantizationConfig(mode=spec["mode"]),
@@ -374,7 +374,7 @@ def make_q4_0(model: Path, out: Path, convert_script: Path) -> dict[str, Any]:
 def run_scale(cfg: ScaleConfig, progress=logger.info) -> dict[str, Any]:
     """Run everything; returns the results (also written by :func:`write_scale_outputs`)."""
     from runtime.memory import parse_size
-    from sli.fetch import model_dir
+    from sli.offline.fetch import model_dir
     from sli.synthetic import SHAPES, bf16_bytes, write_model
 
     work = Path(cfg.workdir or Path(os.environ.get("SLI_HOME") or Path.home() / ".cache" / "sli") / f"scale-{cfg.shape}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from runtime.generate import GenerationOutput
+from runtime.generate import GenerationOutput, GenerationResult
 
 
 class ChatSession:
@@ -28,6 +28,7 @@ class ChatSession:
 
     def _ids(self) -> list[int]:
         msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + self.messages
+        self.processor.load()
         tok = self.processor.tokenizer
         if not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use generate() with plain text")
@@ -52,8 +53,6 @@ class ChatSession:
 
     def send(self, text: str, **kwargs):
         """Send a user message and return a result like ``generate``'s."""
-        from sli.processor import GenerationResult
-
         out = GenerationOutput()
         reply = "".join(self.stream(text, out=out, **kwargs))
         return GenerationResult(text=reply, token_ids=out.token_ids, stats=out.stats, texts=[reply])

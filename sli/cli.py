@@ -14,10 +14,11 @@ from cache.errors import CacheError
 from cache.store import LayerStore
 from runtime.arch import UnsupportedArchitectureError
 from runtime.kernels import KernelError
-from sli.config import AdaptiveQuantizer, QuantizationConfig, QuantizationMode
-from sli.sources import ModelSourceError
+from sli.offline.adaptive import AdaptiveQuantizer
+from sli.offline.config import QuantizationConfig, QuantizationMode
+from sli.offline.sources import ModelSourceError
 
-_DEFAULTS = QuantizationConfig()
+_DEFAULTS = QuantizationConfig(mode=QuantizationMode.NF4)
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -28,10 +29,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed", action="store_true", help="mixed precision: attention INT8, FFN NF4, others kept")
     p.add_argument(
         "--skip",
-        default=",".join(_DEFAULTS.llm_int8_skip_modules),
-        help="comma-separated modules kept unquantized ('' quantizes all 2-D weights)",
+        default=None,
+        help="comma-separated modules kept unquantized (default: lm_head,embed_tokens; '' quantizes all 2-D weights)",
     )
-    p.add_argument("--compute-dtype", default=_DEFAULTS.compute_dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--compute-dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="the plan's compute dtype (overrides the processor's --dtype; the two given at once must agree)")
     p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size, help="int4/int2 group size")
     p.add_argument("--threshold", type=float, default=_DEFAULTS.llm_int8_threshold, help="int8 outlier threshold")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: no double quantization")
@@ -43,9 +45,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuantizer:
-    skip = [s for s in a.skip.split(",") if s.strip()]
+    skip = None if a.skip is None else [s for s in a.skip.split(",") if s.strip()]
     if a.mixed:
-        return AdaptiveQuantizer(skip_modules=skip, compute_dtype=a.compute_dtype)
+        return AdaptiveQuantizer(
+            base_config=QuantizationConfig(mode=QuantizationMode.NF4),
+            attention_config=QuantizationConfig(mode=QuantizationMode.INT8),
+            skip_modules=skip,
+            compute_dtype=a.compute_dtype,
+        )
     return QuantizationConfig(
         mode=QuantizationMode(a.mode),
         compute_dtype=a.compute_dtype,
@@ -75,7 +82,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from runtime.memory import format_size
 
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch)
-    proc.model  # load (and quantize if needed) before echoing the prompt
+    proc.load()  # quantize if needed and open, before echoing the prompt
     out = GenerationOutput()
     pieces = proc.stream(
         a.prompt,
@@ -111,7 +118,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens)
     session = proc.chat(system_prompt=a.system)
-    print(f"[{proc.model.plan.describe()}]", file=sys.stderr)
+    print(f"[{proc.load().plan.describe()}]", file=sys.stderr)
     print("sli chat: /reset clears the history, /stats shows the last answer's figures, /exit quits; Ctrl-C stops an answer.",
           flush=True)
     try:
@@ -207,7 +214,7 @@ def cmd_bench_scale(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
-    from sli.fetch import resolve_model, sli_home
+    from sli.offline.fetch import resolve_model, sli_home
 
     if a.scale:
         return cmd_bench_scale(a)
@@ -237,7 +244,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_fetch(a: argparse.Namespace) -> int:
-    from sli.fetch import fetch_model, gguf_path
+    from sli.offline.fetch import fetch_model, gguf_path
 
     path = fetch_model()
     print(path)
@@ -324,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-accuracy-loss", type=float, default=None, help="fail when perplexity rises more than this many percent")
     v.add_argument("--report", default=None, help="write the JSON report here")
     v.add_argument("--memory-budget", default=None)
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32, or the plan's --compute-dtype)")
     v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("chat", help="interactive chat under a memory budget, reusing the KV of earlier turns")
     c.add_argument("model", help="model folder, .gguf file, cache directory, or the fetched model's name")
     _copy_plan_args(sub, c, with_cache=True)
     c.add_argument("--memory-budget", default=None, help="e.g. 96MB, or auto: what the host (its cgroup limit, else free RAM) allows")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32, or the plan's --compute-dtype)")
     c.add_argument("--context-tokens", type=int, default=None, help="tokens of KV to reserve (default: chosen by the planner)")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--system", default=None, help="system prompt")
@@ -361,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="prompt text, used as given (no chat template)")
     g.add_argument("--memory-budget", default=None, help="e.g. 256MB, 2GiB, or auto: what the host (its cgroup limit, else free RAM) allows (default: hold everything)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="compute dtype (default float32, or the plan's --compute-dtype)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)

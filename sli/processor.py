@@ -1,12 +1,12 @@
 """`UniversalSLIProcessor`: the facade users start from. It owns no logic of its own: it
-resolves the model and the plan, and delegates to the writer (and, later, the runtime)."""
+resolves the model and the plan, and hands the work to the offline path (quantizing) and to
+the runtime (streaming, the paged KV pool, generation and detokenizing)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from pathlib import Path
 
@@ -14,15 +14,18 @@ import torch
 
 from cache.store import LayerStore
 from runtime.executor import StreamingModel
-from runtime.generate import GenerationOutput, GenerationStats, SamplingConfig
+from runtime.detok import TextStream, cut_at_stop, stop_checker
+from runtime.generate import GenerationOutput, GenerationResult, SamplingConfig
 from runtime.generate import generate as generate_tokens
 from runtime.generate import stream as stream_tokens
 from runtime.memory import parse_size
 from runtime.tokenizer import load_tokenizer
-from sli.config import AdaptiveQuantizer, QuantizationConfig, default_registry
-from sli.fetch import resolve_model, sli_home
-from sli.sources import ModelSource, open_source
-from sli.writer import QuantizationReport, quantize_model, variant_id
+from sli.offline.adaptive import AdaptiveQuantizer
+from sli.offline.config import QuantizationConfig
+from sli.offline.plans import get_nf4_config, resolve_plan, streaming_compute_dtype
+from sli.offline.fetch import resolve_model, sli_home
+from sli.offline.sources import ModelSource, open_source
+from sli.offline.writer import QuantizationReport, quantize_model, variant_id
 
 if TYPE_CHECKING:
     from sli.chat import ChatSession
@@ -30,15 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerationResult:
-    """What :meth:`UniversalSLIProcessor.generate` returns."""
-
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    texts: list[str] = field(default_factory=list)  # one per prompt when a list was given
-    batch_token_ids: list[list[int]] = field(default_factory=list)
+__all__ = ["GenerationResult", "UniversalSLIProcessor"]
 
 
 class UniversalSLIProcessor:
@@ -47,8 +42,9 @@ class UniversalSLIProcessor:
     Args:
         model_name: a model folder (safetensors or .bin), a .gguf file, or the name of the
             fetched test model (``SmolLM2-135M-Instruct``).
-        quantization_config: a :class:`QuantizationConfig`, or a preset name from the
-            registry (``"nf4"``, ``"int8"``, ``"mixed"`` ...). Default NF4.
+        quantization_config: a :class:`QuantizationConfig` or :class:`AdaptiveQuantizer`, or a
+            name: registered in :class:`QuantizationRegistry` (``"nf4"``, ``"int8"``, ``"fp4"``,
+            yours), a mode (``"int4"``), or ``"mixed"``. Default NF4.
         adaptive_quantizer: per-module mixed precision; excludes ``quantization_config``.
         cache_dir: cache directory (default ``$SLI_HOME/cache``).
         compress_level: zstd level for records (0 disables compression).
@@ -56,7 +52,9 @@ class UniversalSLIProcessor:
         memory_budget: for inference: ``"512MB"``, ``"2GiB"`` or bytes, or ``"auto"``: what the host
             lets this process use (its cgroup's limit, else available RAM, less a stated margin;
             see :mod:`runtime.hostmem`). Default: hold everything.
-        dtype: compute dtype for inference (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        dtype: compute dtype for inference (``"float32"``, ``"bfloat16"``, ``"float16"``, or
+            ``"auto"``: the source's). The default for every module; a plan's ``compute_dtype``
+            overrides it, and the two given at once must agree. Unset everywhere: float32.
         device: ``"cpu"``. (``"cuda"`` is refused with a clear error: the CUDA path is not built yet.)
         context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
         prefetch: decode the next streamed layer on a background thread (see
@@ -82,7 +80,7 @@ class UniversalSLIProcessor:
         compress_level: int = 3,
         progress: bool = True,
         memory_budget: str | int | None = None,
-        dtype: str = "float32",
+        dtype: str | torch.dtype | None = None,
         device: str = "cpu",
         context_tokens: int | None = None,
         prefetch: bool = False,
@@ -92,8 +90,8 @@ class UniversalSLIProcessor:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
         if isinstance(quantization_config, str):
-            quantization_config = default_registry().get(quantization_config)
-        self.plan: QuantizationConfig | AdaptiveQuantizer = adaptive_quantizer or quantization_config or QuantizationConfig()
+            quantization_config = resolve_plan(quantization_config)
+        self.plan: QuantizationConfig | AdaptiveQuantizer = adaptive_quantizer or quantization_config or get_nf4_config()
         self.model_path = resolve_model(model_name)
         # a cache directory given as the model: run what it holds, no source needed
         self.cache_only = (self.model_path / "data.mdb").is_file()
@@ -105,9 +103,10 @@ class UniversalSLIProcessor:
         self.compress_level = compress_level
         self.progress = progress
         self.memory_budget = memory_budget
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        self.dtype = getattr(torch, dtype)
+        self._dtype_asked = dtype
+        self._dtype: torch.dtype | None = None
+        # contradictions are said now, before anything is read (auto is resolved when first needed)
+        streaming_compute_dtype(self.plan, dtype, torch.float32)
         if device != "cpu":
             raise NotImplementedError(
                 f"device={device!r}: sli streams on the CPU only in this version; the CUDA path (pinned buffers, "
@@ -127,20 +126,40 @@ class UniversalSLIProcessor:
     @classmethod
     def for_target_bits(cls, model_name, target_bits: float, *, cache_dir=None, memory_budget=None, progress: bool = True, **kwargs):
         """A processor whose plan gives each linear weight the codec that buys the most quality
-        per bit, measured on calibration text, to average ``target_bits`` (see :mod:`sli.salience`).
+        per bit, measured on calibration text, to average ``target_bits`` (see :mod:`sli.offline.salience`).
         The unquantized reference is built (mode ``none``) in the same cache for calibration."""
-        from sli.config import QuantizationConfig
-        from sli.salience import plan_by_salience
+        from sli.offline.config import QuantizationConfig
+        from sli.offline.salience import plan_by_salience
 
         ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
                   memory_budget=memory_budget, progress=progress)
         try:
-            sp = plan_by_salience(ref.source, ref.model, ref.tokenizer, target_bits=target_bits, progress=progress)
+            sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, progress=progress)
         finally:
             ref.close()
         p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)
         p.salience = sp
         return p
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype the streamed model runs in (the rule: :func:`~sli.offline.config.streaming_compute_dtype`)."""
+        if self._dtype is None:
+            self._dtype = streaming_compute_dtype(self.plan, self._dtype_asked, self._source_dtype())
+        return self._dtype
+
+    def _source_dtype(self) -> torch.dtype:
+        """The dtype of the model's layer weights (for ``"auto"``)."""
+        from cache.record import dtype_from_name
+
+        if self.cache_only:
+            with LayerStore(self.cache_dir, readonly=True) as st:
+                m = st.require_manifest(self._cached_variant())
+            dtypes = [t.dtype for t in m.tensors().values() if len(t.shape) == 2]
+        else:  # the first floating weight (some formats read a tensor to know its dtype)
+            metas = (self.source.tensor_meta(n)[1] for n in self.source.tensor_names() if n.endswith(".weight"))
+            dtypes = [next((d for d in metas if d in ("float32", "float16", "bfloat16")), "float32")]
+        return dtype_from_name(dtypes[0]) if dtypes else torch.float32
 
     @property
     def source(self) -> ModelSource:
@@ -189,17 +208,37 @@ class UniversalSLIProcessor:
     # -- inference -------------------------------------------------------------------------
     @property
     def model(self) -> StreamingModel:
-        """The streaming model; quantizes first when the cache lacks this variant."""
+        """The streaming model of a built variant (reading it never quantizes: call
+        :meth:`load` or :meth:`quantize` first).
+
+        Raises:
+            VariantNotFoundError: the cache does not hold this variant yet.
+        """
         if self._model is None:
-            # quantize() builds or finishes the variant, and returns at once when it is complete
-            vid = self.variant_id if self.cache_only else self.quantize().variant_id
-            self._store = LayerStore(self.cache_dir, readonly=True)
-            budget = self.memory_budget if self.memory_budget is not None else 1 << 50
-            self._model = StreamingModel(
-                self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens,
-                readahead=self.readahead,
-            )
+            if not self.cache_only and not self._variant_complete():
+                from cache.errors import VariantNotFoundError
+
+                raise VariantNotFoundError(
+                    f"{self.model_path} is not quantized this way in {self.cache_dir} yet; "
+                    "call processor.load() (quantizes first) or processor.quantize()"
+                )
+            self._open_model(self.variant_id)
         return self._model
+
+    def load(self) -> StreamingModel:
+        """Quantize if the cache lacks this variant (or finish an interrupted build), then open
+        the streaming model. ``generate``, ``stream``, ``chat`` and ``logits`` call this."""
+        if self._model is None:
+            self._open_model(self.variant_id if self.cache_only else self.quantize().variant_id)
+        return self._model
+
+    def _open_model(self, vid: str) -> None:
+        self._store = LayerStore(self.cache_dir, readonly=True)
+        budget = self.memory_budget if self.memory_budget is not None else 1 << 50
+        self._model = StreamingModel(
+            self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens,
+            readahead=self.readahead,
+        )
 
     def _variant_complete(self) -> bool:
         """The variant is already built (checked read-only: other readers may hold the cache)."""
@@ -210,6 +249,7 @@ class UniversalSLIProcessor:
 
     @property
     def tokenizer(self):
+        """The model's tokenizer, from the cache (the variant must be built; see :attr:`model`)."""
         if self._tokenizer is None:
             model = self.model  # opens the store
             self._tokenizer = load_tokenizer(model.store, model.manifest)
@@ -217,32 +257,18 @@ class UniversalSLIProcessor:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float logits ``[batch, seq, vocab]`` of the streamed model."""
-        return self.model.logits(input_ids)
+        return self.load().logits(input_ids)
 
     def prefix_session(self):
-        """The paged KV pool and its prefix index (created on first use, sized by the budget plan)."""
+        """The paged KV pool and its prefix index (created on first use by the KV module,
+        sized by the budget plan)."""
         if self._prefix is None:
             from cache.kvstore import KVSpillStore
-            from runtime.kv import DEFAULT_BLOCK_SIZE, BlockPool, PrefixCachingSession
+            from runtime.kv import prefix_session_for
 
-            m = self.model
-            cfg = m.config
-            if getattr(cfg, "sliding_window", None) and any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or ["sliding_attention"])):
-                raise ValueError(
-                    f"{cfg.model_type} uses sliding-window attention, which the paged KV cache does not handle; "
-                    "pass prefix_cache=False"
-                )
-            heads = cfg.num_attention_heads
-            pool = BlockPool(
-                max(1, m.context_tokens // DEFAULT_BLOCK_SIZE),
-                num_layers=cfg.num_hidden_layers,
-                kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                dtype=m.dtype,
-            )
             spill = KVSpillStore(self.cache_dir / "kv-spill", limit_bytes=self.spill_limit) if self.spill_limit else None
             self._spill = spill
-            self._prefix = PrefixCachingSession(pool, salt=f"{m.variant_id}:{m.dtype}", num_layers=cfg.num_hidden_layers, spill=spill)
+            self._prefix = prefix_session_for(self.load(), spill=spill)
         return self._prefix
 
     def chat(self, system_prompt: str | None = None, messages: list[dict] | None = None) -> "ChatSession":
@@ -259,19 +285,6 @@ class UniversalSLIProcessor:
             stop_token_ids=() if ignore_eos else tuple([eos] if isinstance(eos, int) else (eos or [])),
             **kwargs,
         )
-
-    def _stop_checker(self, stop: list[str] | None):
-        if not stop:
-            return None
-        tok = self.tokenizer
-        longest = max(len(s) for s in stop)
-
-        def should_stop(row: int, ids: list[int]) -> bool:
-            # only the tail can hold a stop string that just appeared
-            tail = tok.decode(ids[-(longest + 8) :], skip_special_tokens=True)
-            return any(s in tail for s in stop)
-
-        return should_stop
 
     def stream(
         self,
@@ -295,6 +308,7 @@ class UniversalSLIProcessor:
         The KV lives in the paged pool and the longest prefix computed before (in this
         process, or spilled to disk by an earlier one) is reused; ``prefix_cache=False``
         turns reuse off for this call (a plain KV cache: nothing reused, nothing filed). ``out.stats`` reports cached and prefilled tokens."""
+        model = self.load()
         tok = self.tokenizer
         ids = torch.tensor([list(prompt) if not isinstance(prompt, str) else tok(prompt)["input_ids"]])
         cfg = self._sampling(
@@ -302,27 +316,15 @@ class UniversalSLIProcessor:
             repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos,
         )
         out = out if out is not None else GenerationOutput()
-        emitted = ""  # text yielded so far
-        text = ""  # text decoded so far
-        prefix_offset = read_offset = 0  # incremental detokenizing: decode only a short window per token
-        hold = max((len(s) for s in stop), default=0) if stop else 0
+        text = TextStream(tok, stop)
         session = self.prefix_session() if prefix_cache else None  # off: a plain cache, nothing reused or filed
-        for _ in stream_tokens(self.model, ids, cfg, out, should_stop=self._stop_checker(stop), prefix_cache=session):
-            toks = out.token_ids
-            before = tok.decode(toks[prefix_offset:read_offset], skip_special_tokens=True)
-            after = tok.decode(toks[prefix_offset:], skip_special_tokens=True)
-            if len(after) > len(before) and not after.endswith("\ufffd"):  # hold back a split multi-byte char
-                text += after[len(before) :]
-                prefix_offset, read_offset = read_offset, len(toks)
-            cut = _cut_at_stop(text, stop)
-            # hold back what could be the start of a stop string
-            ready = len(cut) - hold if out.stats.stop_reason == "" and hold and cut == text else len(cut)
-            if ready > len(emitted):
-                yield cut[len(emitted) : ready]
-                emitted = cut[:ready]
-        text = _cut_at_stop(tok.decode(out.token_ids, skip_special_tokens=True), stop)
-        if len(text) > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted) :]
+        for step in stream_tokens(model, ids, cfg, out, should_stop=stop_checker(tok, stop), prefix_cache=session):
+            piece = text.push(out.token_ids[-1])
+            if piece:
+                yield piece
+        rest = text.finish(out.token_ids)
+        if rest:
+            yield rest
 
     def generate(self, prompt: str | list[str] | list[int], *, stop: list[str] | None = None, **kwargs) -> GenerationResult:
         """Generate from one prompt (text or token ids) or a list of prompts (one batch sharing
@@ -345,19 +347,19 @@ class UniversalSLIProcessor:
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
         kwargs.pop("prefix_cache", None)
         cfg = self._sampling(kwargs.pop("max_new_tokens", 64), **kwargs)
-        out = generate_tokens(self.model, ids, cfg, attention_mask=mask, should_stop=self._stop_checker(stop))
-        texts = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), stop) for t in out.batch_token_ids]
+        out = generate_tokens(self.load(), ids, cfg, attention_mask=mask, should_stop=stop_checker(tok, stop))
+        texts = [cut_at_stop(tok.decode(t, skip_special_tokens=True), stop) for t in out.batch_token_ids]
         return GenerationResult(text=texts[0], token_ids=out.token_ids, stats=out.stats, texts=texts, batch_token_ids=out.batch_token_ids)
 
     def perplexity(self, text: str | None = None, *, max_length: int = 512, stride: int | None = None, max_tokens: int | None = None) -> float:
         """Sliding-window perplexity of the streamed (quantized) model on ``text`` (default: the
         pydoc_data topics that ship with Python), over its first ``max_tokens`` tokens if given."""
-        from runtime.evaluate import perplexity
-        from sli.validate import default_text
+        from runtime.evaluate import default_text, perplexity
 
+        model = self.load()
         ids = self.tokenizer(text if text is not None else default_text())["input_ids"]
         ids = torch.tensor(ids[:max_tokens] if max_tokens else ids)
-        return perplexity(self.model, ids, max_length=max_length, stride=stride).perplexity
+        return perplexity(model, ids, max_length=max_length, stride=stride).perplexity
 
     def close(self) -> None:
         self._prefix = None
@@ -374,10 +376,3 @@ class UniversalSLIProcessor:
             self._source.close()
             self._source = None
 
-
-def _cut_at_stop(text: str, stop: list[str] | None) -> str:
-    """``text`` up to the first stop string, if any appears."""
-    if not stop:
-        return text
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return text if cut < 0 else text[:cut]

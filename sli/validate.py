@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from runtime.evaluate import default_text
+
 logger = logging.getLogger(__name__)
 
 # A fixed, varied prompt set for retention (continuations compared token by token).
@@ -33,13 +35,6 @@ RETENTION_PROMPTS = (
 
 
 _REFERENCE_PPL: dict = {}
-
-
-def default_text() -> str:
-    """The evaluation text that ships with every Python: the pydoc topic help pages."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 @dataclass
@@ -106,7 +101,7 @@ def validate(
         max_accuracy_loss_pct: when given, ``passed`` says whether the perplexity increase stays within it.
     """
     from runtime.evaluate import perplexity, retention
-    from sli.config import QuantizationConfig
+    from sli.offline.config import QuantizationConfig
     from sli.processor import UniversalSLIProcessor
 
     report = processor.quantize()
@@ -123,10 +118,10 @@ def validate(
         # the reference's figures depend only on its variant and the inputs: computed once per process
         key = (ref_report.variant_id, str(processor.dtype), hash(tuple(ids.tolist())), max_length, stride)
         if key not in _REFERENCE_PPL:
-            _REFERENCE_PPL[key] = perplexity(ref.model, ids, max_length=max_length, stride=stride)
+            _REFERENCE_PPL[key] = perplexity(ref.load(), ids, max_length=max_length, stride=stride)
         want = _REFERENCE_PPL[key]
         prompts = [torch.tensor(tok(p)["input_ids"]) for p in RETENTION_PROMPTS]
-        ret = retention(processor.model, ref.model, prompts, new_tokens=retention_tokens)
+        ret = retention(processor.model, ref.load(), prompts, new_tokens=retention_tokens)
     finally:
         ref.close()
     delta = 100.0 * (got.perplexity / want.perplexity - 1.0)
@@ -167,7 +162,7 @@ def describe_model(path) -> dict[str, Any]:
     """
     import math as _m
 
-    from sli.sources import open_source
+    from sli.offline.sources import open_source
 
     src = open_source(path)
     try:

@@ -100,13 +100,13 @@ def tiny_llama(tiny_root) -> Path:
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     """The real model's HF folder (fetched on first use; `make test` fetches it beforehand)."""
-    from sli.fetch import fetch_model
+    from sli.offline.fetch import fetch_model
 
     return fetch_model()
 
 
 @pytest.fixture(scope="session")
 def real_gguf(real_model) -> Path:
-    from sli.fetch import gguf_path
+    from sli.offline.fetch import gguf_path
 
     return gguf_path()

@@ -211,7 +211,7 @@ def test_chat_script_in_a_terminal(real_model, tmp_path):
 
 
 def test_sliding_window_models_are_refused_by_the_paged_cache(tiny):
-    tiny.model.config.sliding_window = 8  # as a sliding-window model's config says
+    tiny.load().config.sliding_window = 8  # as a sliding-window model's config says
     with pytest.raises(ValueError, match="sliding-window attention.*prefix_cache=False"):
         tiny.generate([5, 6, 7], max_new_tokens=2)
     assert len(tiny.generate([5, 6, 7], max_new_tokens=2, prefix_cache=False).token_ids) == 2

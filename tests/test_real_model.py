@@ -82,3 +82,40 @@ def test_quantize_straight_from_gguf(real_gguf, tmp_path):
     r = UniversalSLIProcessor(real_gguf, quantization_config="int4", cache_dir=tmp_path, progress=False).quantize(validate_memory=True)
     assert r.built_groups == 32 and r.original_bytes == 4 * 134_515_008  # GGUF dequantizes to float32
     assert r.mean_rel_mse < 0.03
+
+
+@pytest.mark.parametrize("plan", ["nf4", "mixed"])
+def test_documented_api_quantizes_the_real_model_in_memory(real_model, real_cache, plan):
+    """``AdaptiveQuantizer.quantize_model`` on transformers' own model: the same encodings as
+    the streaming cache, so the same perplexity (the delta measured there) and the same
+    greedy tokens through transformers' ``generate``."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.evaluate import default_text, perplexity
+    from sli.quantization import AdaptiveQuantizer, QuantizationConfig, get_nf4_config
+
+    if plan == "nf4":
+        base = get_nf4_config(compute_dtype=torch.float32)
+        quantizer = AdaptiveQuantizer(base_config=base, attention_config=base, ffn_config=base)
+        streaming_plan = get_nf4_config()
+    else:
+        quantizer = AdaptiveQuantizer(get_mixed_precision_config(compute_dtype=torch.float32))
+        streaming_plan = get_mixed_precision_config()
+    stream = UniversalSLIProcessor(real_model, quantization_config=streaming_plan, cache_dir=real_cache, progress=False)
+    stream.load()
+    ids = torch.tensor(stream.tokenizer(default_text())["input_ids"][:512])
+    ppl_stream = perplexity(stream.model, ids).perplexity
+    prompt = stream.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    streamed_tokens = stream.generate(prompt[0].tolist(), max_new_tokens=8, ignore_eos=True).token_ids
+    stream.close()
+
+    model = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    ppl_ref = perplexity(model, ids).perplexity
+    quantizer.quantize_model(model)
+    assert sum(type(m).__name__ == "QuantizedLinear" for m in model.modules()) == 30 * 7
+    ppl_mem = perplexity(model, ids).perplexity
+    assert abs(ppl_mem / ppl_stream - 1) < 1e-3, (ppl_mem, ppl_stream)
+    assert ppl_mem > ppl_ref  # quantizing costs something, and the same as streaming measures
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert out[0, prompt.shape[1]:].tolist() == streamed_tokens

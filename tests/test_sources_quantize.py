@@ -14,6 +14,7 @@ import torch
 from cache import LayerStore, decode_tensor
 from conftest import TINY_TYPES, make_tiny_model
 from runtime.arch import UnsupportedArchitectureError
+from sli.offline.quantizer import TensorQuantizer
 from sli import (
     LayerQuantizer,
     MemoryValidationError,
@@ -123,7 +124,7 @@ def test_every_mode_round_trips_through_the_cache(tmp_path, tiny_llama, mode):
     with LayerStore(tmp_path / "c", readonly=True) as st:
         m = st.require_manifest(report.variant_id)
         assert m.quantization["mode"] == mode
-        lq = LayerQuantizer(cfg)
+        lq = TensorQuantizer(cfg)
         src = open_source(tiny_llama)
         for name, enc in st.iter_records(report.variant_id):
             # what the cache holds is exactly what the quantizer produces in memory
@@ -210,14 +211,17 @@ def test_killed_quantization_resumes_to_the_same_result(tmp_path, tiny_root):
 def test_layer_quantizer_api_on_a_module():
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64, bias=False))
-    enc = quantize_layer(layer, mode="nf4")
-    assert set(enc) == {"0.weight", "0.bias", "1.weight", "1.bias", "2.weight"}
-    assert LayerQuantizer.is_quantized(enc) and enc["0.weight"].codec == "nf4" and enc["1.weight"].codec == "raw"
-    assert 0.1 < LayerQuantizer.get_quantized_size_ratio(enc) < 0.2  # fp32 -> ~4.1 bits
-    target = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64, bias=False))
-    dequantize_layer(enc, target)
     x = torch.randn(4, 64)
-    rel = (target(x) - layer(x)).pow(2).mean() / layer(x).pow(2).mean()
-    assert 0 < rel < 0.05
-    assert torch.equal(target[0].bias, layer[0].bias)
-    assert not LayerQuantizer.is_quantized(quantize_layer(layer, mode="none"))
+    with torch.no_grad():
+        ref = layer(x)
+        q = quantize_layer(layer, mode="nf4", compute_dtype=torch.float32)  # in place: the linears are swapped
+        assert q is layer and type(q[0]).__name__ == "QuantizedLinear" and isinstance(q[1], torch.nn.LayerNorm)
+        assert LayerQuantizer.is_quantized(q) and q[0].codec == "nf4"
+        # against the same layer in float32: 4.1 bits of 32 for the linears, the norm as it is
+        assert 0.1 < LayerQuantizer.get_quantized_size_ratio(q) < 0.2
+        rel = (q(x) - ref).pow(2).mean() / ref.pow(2).mean()
+        assert 0 < rel < 0.05
+        restored = dequantize_layer(q, compute_dtype=torch.float32)
+        assert isinstance(restored[0], torch.nn.Linear) and not LayerQuantizer.is_quantized(restored)
+        assert torch.equal(restored(x), q(x))
+        assert not LayerQuantizer.is_quantized(quantize_layer(layer, mode="none"))

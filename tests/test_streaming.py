@@ -174,9 +174,9 @@ def test_cli_generate_under_a_budget(real_model, tmp_path, capsys):
 
 def test_vocabulary_matrices_stream_in_row_chunks(tmp_path, tiny_root, monkeypatch):
     """Embeddings looked up chunk by chunk and the head applied chunk by chunk give the same logits."""
-    import sli.writer
+    import sli.offline.writer
 
-    monkeypatch.setattr(sli.writer, "CHUNK_DECODED_BYTES", 16 << 10)  # tiny chunks: several per matrix
+    monkeypatch.setattr(sli.offline.writer, "CHUNK_DECODED_BYTES", 16 << 10)  # tiny chunks: several per matrix
     for model_type, tied in (("llama", True), ("qwen2", False)):
         path = make_tiny_model(tiny_root, model_type, layers=3, seed=8, tie_word_embeddings=tied)
         cache = tmp_path / model_type

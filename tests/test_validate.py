@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 from runtime.evaluate import perplexity
 from runtime.executor import StreamingModel
 from sli import QuantizationConfig, UniversalSLIProcessor
-from sli.salience import plan_by_salience, weighted_error
+from sli.offline.salience import plan_by_salience, weighted_error
 from sli.validate import RETENTION_PROMPTS, default_text, describe_model, error_summary
 
 
@@ -99,17 +99,17 @@ def test_weighted_error_weights_channels_by_their_inputs():
 
 
 def test_salience_plan_meets_its_target_and_quantizes(tmp_path, tiny_root):
-    from sli.sources import open_source
+    from sli.offline.sources import open_source
 
     path = make_tiny_model(tiny_root, "llama", layers=2, seed=6)
     ref = UniversalSLIProcessor(path, quantization_config=QuantizationConfig(mode="none"), cache_dir=tmp_path, progress=False)
     for target in (4.6, 6.0):
-        sp = plan_by_salience(open_source(path), ref.model, ref.tokenizer, target_bits=target, progress=False)
+        sp = plan_by_salience(open_source(path), ref.load(), ref.tokenizer, target_bits=target, progress=False)
         assert sp.achieved_bits <= target and sp.achieved_bits > target - 1.5
         assert len(sp.choices) == 2 * 7 and set(sp.plan.overrides) == set(sp.choices)
     assert len(sp.counts()) >= 1
     with pytest.raises(ValueError, match="below the .* the cheapest candidate needs"):
-        plan_by_salience(open_source(path), ref.model, ref.tokenizer, target_bits=1.0, progress=False)
+        plan_by_salience(open_source(path), ref.load(), ref.tokenizer, target_bits=1.0, progress=False)
     ref.close()  # a process reads or writes a cache, not both at once
     p = UniversalSLIProcessor(path, adaptive_quantizer=sp.plan, cache_dir=tmp_path, progress=False)
     r = p.quantize()

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sli.config import AdaptiveQuantizer, QuantizationConfig, QuantizationMode, is_quantizable, module_matches
+from sli.offline.adaptive import AdaptiveQuantizer
+from sli.offline.config import QuantizationConfig, QuantizationMode, is_quantizable, module_matches
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def plan_by_salience(
     """Assign a codec to every quantizable linear weight to meet ``target_bits`` on average.
 
     Args:
-        source: the model's :class:`~sli.sources.ModelSource` (read one tensor at a time).
+        source: the model's :class:`~sli.offline.sources.ModelSource` (read one tensor at a time).
         reference_model: a mode-``none`` :class:`~runtime.executor.StreamingModel` of it, for calibration.
         target_bits: average bits per weight over the quantized tensors (codes plus scales).
 
@@ -183,9 +184,9 @@ def plan_by_salience(
     by_label = {c.label: c.config for c in candidates}
     overrides = {n: by_label[lbl] for n, lbl in choice.items()}
     plan = AdaptiveQuantizer(
-        attention=QuantizationConfig(mode=QuantizationMode.NONE),
-        ffn=QuantizationConfig(mode=QuantizationMode.NONE),
-        default=QuantizationConfig(mode=QuantizationMode.NONE),
+        base_config=QuantizationConfig(mode=QuantizationMode.NONE),
+        attention_config=QuantizationConfig(mode=QuantizationMode.NONE),
+        ffn_config=QuantizationConfig(mode=QuantizationMode.NONE),
         skip_modules=list(skip_modules),
         overrides=overrides,
     )

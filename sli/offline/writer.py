@@ -24,9 +24,10 @@ from cache.record import encode_record
 from cache.store import LayerStore
 from runtime.arch import get_arch
 from runtime.memory import PeakMemorySampler, release_free_memory
-from sli.config import AdaptiveQuantizer, QuantizationConfig
-from sli.quantizer import LayerQuantizer
-from sli.sources import ModelSource
+from sli.offline.adaptive import AdaptiveQuantizer
+from sli.offline.config import QuantizationConfig
+from sli.offline.quantizer import TensorQuantizer
+from sli.offline.sources import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class MemoryValidationError(ValueError):
 
 
 def library_version() -> str:
-    from sli import __version__
+    from sli.version import __version__
 
     return __version__
 
@@ -182,7 +183,7 @@ def _chunk_rows(group: str, tensor) -> int:
 
 def _quantize_group(
     source: ModelSource,
-    quantizer: LayerQuantizer,
+    quantizer: TensorQuantizer,
     gname: str,
     names: list[str],
     compress_level: int,
@@ -300,7 +301,7 @@ class _Committer:
 
 def _build_groups(
     source: ModelSource,
-    quantizer: LayerQuantizer,
+    quantizer: TensorQuantizer,
     store: LayerStore,
     vid: str,
     todo: list[str],
@@ -367,7 +368,7 @@ def quantize_model(
 
     order, groups = _group_tensors(source)
     store.begin_variant(vid, {"model_fingerprint": model_fp, "quant_fingerprint": quant_fp, "source": source.describe()})
-    quantizer = LayerQuantizer(plan)
+    quantizer = TensorQuantizer(plan)
     todo = [g for g in order if store.get_group(vid, g) is None]
     t_start = time.perf_counter()
     # 10 ms samples: the peak lives as long as a group's buffers (seconds); 2 ms sampling

@@ -74,7 +74,7 @@ def _convert(gguf: Path, dest: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from sli.sources import GGUFSource
+    from sli.offline.sources import GGUFSource
 
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,12 @@
+"""The offline path: everything that runs before inference and never during it.
+
+- :mod:`sli.offline.sources`: model readers (safetensors, PyTorch .bin, GGUF), one tensor at a time;
+- :mod:`sli.offline.config`: quantization modes, configs, mixed precision, the preset registry;
+- :mod:`sli.offline.quantizer`: one tensor through the plan's codec, with its measured error;
+- :mod:`sli.offline.writer`: the model, group by group, into the cache (resumable);
+- :mod:`sli.offline.salience`: mixed precision chosen by measured salience;
+- :mod:`sli.offline.fetch`: the packaged test model, turned into a model folder.
+
+It builds on :mod:`cache` (records, store) and :mod:`runtime` (architectures, memory
+sampling); the processor and the CLI use it, nothing in it uses them.
+"""
