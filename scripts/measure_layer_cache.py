@@ -38,6 +38,7 @@ def benchmark_loading(cache, model_id, num_layers):
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
+    from cache.readahead import drop_file_cache
     from sli.layer_cache import LayerCache
     from sli.offline.fetch import resolve_model
     from sli.quantization import LayerQuantizer, QuantizationConfig
@@ -63,12 +64,16 @@ def main() -> None:
             build = time.perf_counter() - t0
             size = cache.size_bytes()
             file_size = (work / mode / "data.mdb").stat().st_size
+            cache.close()
             cold, warm = [], []
             for _ in range(a.repeats):
-                cache.store.drop_page_cache()
+                # cold: no process maps the file and its pages are dropped (mapped pages would stay)
+                dropped = sum(drop_file_cache(f) for f in (work / mode).glob("*.mdb"))
+                cache = LayerCache(cache_dir=work / mode, max_memory_cache_size_gb=0)
                 cold.append(benchmark_loading(cache, "smollm2", len(layers)))
                 warm.append(benchmark_loading(cache, "smollm2", len(layers)))
-            cache.close()
+                cache.close()
+            assert dropped > 0
             rows.append({"mode": mode, "layers": len(layers), "stored_bytes": size, "file_bytes": file_size,
                          "build_s": build, "cold_ms": 1e3 * min(cold), "warm_ms": 1e3 * min(warm)})
             print(rows[-1], flush=True)
