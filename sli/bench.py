@@ -182,16 +182,15 @@ def _read_decode_throughput(m) -> float:
         return 0.0
     before = m.stats.bytes_read
     t0 = time.perf_counter()
-    slot = m._slots[0] if m._slots else None
+    lo = m.loader
     for i in m.plan.streamed_layers:
-        slot.owner = i
-        m._decode_layer(i, slot)
-        slot.release()
+        lo.decode_layer(i, lo.slots.take(i))
+        lo.release_layer(i)
         m.stats.bytes_read += m._groups[layer_group(i)].stored_bytes
     if "head" in m.plan.streamed:
         e = m.head_entry
         for k in range(e.num_chunks):
-            m._apply_chunk(e, k, lambda w: None)
+            lo.apply_chunk(e, k, lambda w: None)
     seconds = time.perf_counter() - t0
     n = m.stats.bytes_read - before
     return n / seconds if seconds else 0.0

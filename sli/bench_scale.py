@@ -244,7 +244,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 out = {**clock.summary(len(ids)), "record_bytes_per_token": gen.stats.bytes_read_per_token,
                        "tokens": gen.token_ids}
             out.update(plan=m.plan.describe(), streamed_layers=len(m.plan.streamed_layers),
-                       readahead_used=m._readahead is not None, readahead_reason=getattr(m, "readahead_reason", ""))
+                       readahead_used=m.loader.reading_ahead, readahead_reason=getattr(m, "readahead_reason", ""))
         elif kind == "accelerate":
             from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 

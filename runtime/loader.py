@@ -1,0 +1,329 @@
+"""Getting weights from the cache into memory the model computes from: the record loader.
+
+A :class:`SlotPool` holds preallocated buffers for streamed layers; :class:`RecordLoader`
+decodes a layer's records into a slot (packed int4 weights are used in place, as views into
+the derived copy's map, kept open until the slot is released), decodes embedding and head
+row chunks into two chunk buffers, reads resident tensors whole, prefetches the next layer
+on a thread when asked, and advises the kernel to read ahead. A device is one more loader
+and slot pool of this shape (host decode, then a copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from cache.codecs import CodecName, decode_tensor
+from cache.manifest import GroupEntry, TensorEntry, layer_group
+from cache.store import LayerStore
+from runtime.kernels import PackedInt4
+from runtime.packed import packed_view
+
+
+@dataclass
+class StreamStats:
+    """Counters since the last :meth:`StreamingModel.reset_stats`."""
+
+    layers_loaded: int = 0
+    chunks_loaded: int = 0  # embedding and head row chunks
+    bytes_read: int = 0  # record bytes read from the cache
+    load_seconds: float = 0.0  # reading + verifying + decoding (on the prefetch thread when prefetching)
+    wait_seconds: float = 0.0  # time the forward pass stood waiting for weights
+    prefetch_hits: int = 0  # layers that were ready when needed
+    prefetch_misses: int = 0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        n = self.prefetch_hits + self.prefetch_misses
+        return self.prefetch_hits / n if n else 0.0
+
+    @property
+    def hidden_io_fraction(self) -> float:
+        """Share of the load time that did not stall the forward pass."""
+        return max(0.0, 1.0 - self.wait_seconds / self.load_seconds) if self.load_seconds else 0.0
+
+
+@dataclass
+class LoadedLayer:
+    """A decoded layer: tensor name -> tensor (or :class:`PackedInt4`), and what loading cost."""
+
+    tensors: dict[str, torch.Tensor | PackedInt4]
+    seconds: float
+
+
+@dataclass
+class LoadedChunk:
+    """A decoded row chunk of the embeddings or the head."""
+
+    weight: torch.Tensor
+    stored_bytes: int
+    seconds: float
+
+
+class Slot:
+    """Preallocated buffers for one streamed layer, one flat buffer per tensor role
+    (``self_attn.q_proj.weight`` ...), sized for the largest layer that uses it."""
+
+    def __init__(self, sizes: dict[str, tuple[int, torch.dtype]]) -> None:
+        self.buffers = {role: torch.empty(n, dtype=dt) for role, (n, dt) in sizes.items()}
+        self.owner: int | None = None
+        self.reader = None  # an open transaction whose records the layer uses in place
+
+    def release(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.owner = None
+
+    def view(self, role: str, shape: list[int]) -> torch.Tensor:
+        return self.buffers[role][: math.prod(shape)].view(shape)
+
+
+class SlotPool:
+    """The slots streamed layers are decoded into."""
+
+    def __init__(self, count: int, sizes: dict[str, tuple[int, torch.dtype]]) -> None:
+        self.slots = [Slot(sizes) for _ in range(count)]
+
+    def take(self, owner: int) -> Slot:
+        for s in self.slots:
+            if s.owner is None:
+                s.owner = owner
+                return s
+        raise RuntimeError("no free streaming slot; a layer ran without its release hook")
+
+    def release(self, owner: int) -> None:
+        for s in self.slots:
+            if s.owner == owner:
+                s.release()
+
+    def release_all(self) -> None:
+        for s in self.slots:
+            s.release()
+
+
+class RecordLoader:
+    """Reads and decodes a variant's records for one streaming model.
+
+    Args:
+        store, derived: the cache and (for packed int4 weights) its derived copy.
+        variant_id: the variant.
+        groups: group name -> entry.
+        layers_prefix: the dotted path of the decoder layers (``model.layers``).
+        dtype: the compute dtype every record is decoded to.
+        packed: packed int4 tensor names -> group size.
+        chunk_elems: elements of one chunk buffer (the largest embedding/head row chunk).
+        prefetch: decode the next layer on a background thread.
+        readahead: advise the kernel to read the next layer's records on a thread of its own.
+    """
+
+    def __init__(
+        self,
+        store: LayerStore,
+        derived: LayerStore | None,
+        variant_id: str,
+        groups: dict[str, GroupEntry],
+        layers_prefix: str,
+        dtype: torch.dtype,
+        packed: dict[str, int],
+        *,
+        chunk_elems: int,
+        prefetch: bool,
+        readahead: bool,
+    ) -> None:
+        self.store, self.derived, self.variant_id = store, derived, variant_id
+        self.groups, self.layers_prefix, self.dtype, self.packed = groups, layers_prefix, dtype, packed
+        self.chunk_elems = chunk_elems
+        self.stats = StreamStats()
+        self.slots: SlotPool | None = None
+        self.next_layer: dict[int, int] = {}
+        self.head_after: int | None = None  # after this layer, the head's records are read ahead
+        self._chunk_bufs: list[torch.Tensor] = []
+        self._pending: dict[int, Future] = {}
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch", initializer=torch.set_num_threads, initargs=(1,))
+            if prefetch
+            else None
+        )
+        # advice to the kernel, on a thread of its own (the calls wait on the disk's queue, not on a core)
+        self._readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-readahead") if readahead else None
+        self._head_entry: TensorEntry | None = None
+
+    @property
+    def prefetching(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def reading_ahead(self) -> bool:
+        return self._readahead is not None
+
+    def stream_layers(self, streamed: tuple[int, ...], slots: int, head: TensorEntry | None) -> None:
+        """Set up the slots for the streamed layers, in the order they run (wrapping to the
+        first for the next pass); ``head``: the head entry when it streams too."""
+        self.next_layer = {i: streamed[(k + 1) % len(streamed)] for k, i in enumerate(streamed)}
+        self.slots = SlotPool(slots, self._slot_sizes(streamed)) if streamed else None
+        self.head_after = streamed[-1] if streamed and head is not None else None
+        self._head_entry = head
+
+    def _slot_sizes(self, layers: tuple[int, ...]) -> dict[str, tuple[int, torch.dtype]]:
+        sizes: dict[str, tuple[int, torch.dtype]] = {}
+        for i in layers:
+            prefix = f"{self.layers_prefix}.{i}."
+            for t in self.groups[layer_group(i)].tensors:
+                if t.name in self.packed:  # packed weights are used in place, from the map
+                    continue
+                role = t.name.removeprefix(prefix)
+                sizes[role] = (max(sizes.get(role, (0, self.dtype))[0], math.prod(t.shape)), self.dtype)
+        return sizes
+
+    def account(self, stored: int, seconds: float) -> None:
+        self.stats.bytes_read += stored
+        self.stats.load_seconds += seconds
+
+    # -- whole tensors (resident) --------------------------------------------------------------
+    def read_whole(self, t: TensorEntry) -> torch.Tensor | PackedInt4:
+        t0 = time.perf_counter()
+        if t.name in self.packed:  # resident: owned memory, not the map
+            with self.derived.reader() as r:
+                v = packed_view(r.get(self.variant_id, t.name), t, self.packed[t.name])
+                out = PackedInt4(v.packed.clone(), v.scales_and_zeros.clone(), v.group_size)
+        else:
+            out = self.store.read_tensor(self.variant_id, t, self.dtype)
+        self.account(t.stored_bytes, time.perf_counter() - t0)
+        return out
+
+    # -- row chunks (embeddings, head) ---------------------------------------------------------
+    def chunk_buffers(self) -> list[torch.Tensor]:
+        """Two chunk buffers (made outside a forward pass: inference-mode tensors could not be
+        refilled by the prefetch thread)."""
+        if not self._chunk_bufs:
+            self._chunk_bufs = [torch.empty(self.chunk_elems, dtype=self.dtype) for _ in range(2)]
+        return self._chunk_bufs
+
+    def _chunk_view(self, e: TensorEntry, rows: int, buf: int) -> torch.Tensor:
+        return self.chunk_buffers()[buf][: rows * math.prod(e.shape[1:])].view(rows, *e.shape[1:])
+
+    def _decode_chunk(self, e: TensorEntry, k: int, buf: int) -> LoadedChunk:
+        """Decode row chunk ``k`` of ``e`` into chunk buffer ``buf`` (on the prefetch thread)."""
+        t0 = time.perf_counter()
+        with self.store.reader() as r:
+            enc = r.get(self.variant_id, e.record_names()[k])
+            out = decode_tensor(enc, out=self._chunk_view(e, enc.shape[0], buf))
+        return LoadedChunk(out, e.stored_bytes // e.num_chunks, time.perf_counter() - t0)  # a tensor's chunks are near equal
+
+    def apply_chunk(self, e: TensorEntry, k: int, fn) -> None:
+        """Call ``fn(weight rows)`` on row chunk ``k``. An uncompressed record already in the
+        compute dtype is used in place, straight from the map; others are decoded into a
+        chunk buffer first."""
+        t0 = time.perf_counter()
+        with self.store.reader() as r:
+            enc = r.get(self.variant_id, e.record_names()[k])
+            data = enc.parts.get("data") if enc.codec == CodecName.RAW.value else None
+            if data is not None and data.dtype == self.dtype:
+                w = data.view(-1, *e.shape[1:])
+            else:
+                w = decode_tensor(enc, out=self._chunk_view(e, enc.shape[0], 0))
+            self.stats.chunks_loaded += 1
+            self.account(e.stored_bytes // e.num_chunks, time.perf_counter() - t0)
+            fn(w)
+
+    def submit_chunk(self, e: TensorEntry, k: int, buf: int) -> Future:
+        return self._pool.submit(self._decode_chunk, e, k, buf)
+
+    def await_chunk(self, pending: Future) -> torch.Tensor:
+        t0 = time.perf_counter()
+        got: LoadedChunk = pending.result()
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self.stats.chunks_loaded += 1
+        self.account(got.stored_bytes, got.seconds)
+        return got.weight
+
+    # -- streamed layers -----------------------------------------------------------------------
+    def decode_layer(self, i: int, slot: Slot) -> LoadedLayer:
+        """Layer i's tensors (thread-safe: each read has its own transaction). Packed int4
+        weights are used in place, as views into the derived copy's map: their transaction
+        stays open in ``slot.reader`` until the layer is released. Others are decoded into
+        ``slot``."""
+        t0 = time.perf_counter()
+        prefix = f"{self.layers_prefix}.{i}."
+        out: dict[str, torch.Tensor | PackedInt4] = {}
+        if self.derived is not None:
+            slot.reader = self.derived.open_reader()
+        with self.store.reader() as r:
+            for t in self.groups[layer_group(i)].tensors:
+                if t.name in self.packed:
+                    out[t.name] = packed_view(slot.reader.get(self.variant_id, t.name), t, self.packed[t.name])
+                    continue
+                dst = slot.view(t.name.removeprefix(prefix), t.shape)
+                decode_tensor(r.get(self.variant_id, t.name), out=dst)
+                out[t.name] = dst
+        return LoadedLayer(out, time.perf_counter() - t0)
+
+    def _advise_layer(self, i: int) -> int:
+        """Have the kernel read layer i's records ahead of need, in large reads (on the
+        read-ahead thread); returns the bytes advised."""
+        n = 0
+        with self.store.reader() as r, (self.derived.reader() if self.derived else contextlib.nullcontext()) as dr:
+            for t in self.groups[layer_group(i)].tensors:
+                n += (dr if t.name in self.packed else r).advise(self.variant_id, t.name)
+        return n
+
+    def _advise_head(self) -> int:
+        with self.store.reader() as r:
+            return sum(r.advise(self.variant_id, name) for name in self._head_entry.record_names())
+
+    def fetch_layer(self, i: int) -> dict[str, torch.Tensor | PackedInt4]:
+        """Layer i's tensors: from the prefetch thread when it was asked for, else decoded now;
+        then the next layer is asked for (and read ahead)."""
+        fut = self._pending.pop(i, None)
+        t0 = time.perf_counter()
+        if fut is None:
+            self.stats.prefetch_misses += 1
+            got = self.decode_layer(i, self.slots.take(i))
+        else:
+            self.stats.prefetch_hits += fut.done()
+            self.stats.prefetch_misses += not fut.done()
+            got = fut.result()
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self.stats.layers_loaded += 1
+        self.account(self.groups[layer_group(i)].stored_bytes, got.seconds)
+        nxt = self.next_layer[i]
+        if self._readahead is not None:
+            if nxt != i:
+                self._readahead.submit(self._advise_layer, nxt)
+            if i == self.head_after:
+                self._readahead.submit(self._advise_head)
+        if self._pool is not None and nxt != i and nxt not in self._pending:
+            self._pending[nxt] = self._pool.submit(self.decode_layer, nxt, self.slots.take(nxt))
+        return got.tensors
+
+    def release_layer(self, i: int) -> None:
+        if self.slots is not None:
+            self.slots.release(i)
+
+    def abandon(self) -> None:
+        """After a forward pass that did not finish: wait for the prefetch, free every slot."""
+        for fut in self._pending.values():
+            fut.cancel()
+            if not fut.cancelled():
+                fut.exception()  # wait; the thread must not be writing into a slot we reuse
+        self._pending.clear()
+        if self.slots is not None:
+            self.slots.release_all()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self.abandon()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._readahead is not None:
+            self._readahead.shutdown(wait=True, cancel_futures=True)
+            self._readahead = None
+        self._pending.clear()
+        if self.slots is not None:
+            self.slots.release_all()
