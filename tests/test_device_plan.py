@@ -1,0 +1,113 @@
+"""Layer 1: what the GPU path decides without a GPU: the two-budget plan (GPU memory and host
+memory, neither exceeded) and the copy schedule (the next layer's copy overlaps this layer's
+compute; no slot is overwritten while a layer computes from it), driven by a simulated device."""
+
+import random
+
+import pytest
+
+from runtime.budget import BudgetTooSmallError
+from runtime.copysched import LayerPipeline
+from runtime.devplan import DeviceUnit, plan_two_budgets
+
+MB = 1_000_000
+
+
+def _units(n, device=100 * MB, transfer=30 * MB, stored=28 * MB):
+    return [DeviceUnit(f"layer.{i}", device, transfer, stored) for i in range(n)]
+
+
+def test_everything_on_the_gpu_when_it_fits():
+    p = plan_two_budgets(_units(4), gpu_budget=500 * MB, host_budget=100 * MB, gpu_fixed={"kv": 50 * MB}, host_fixed={})
+    assert p.gpu_resident == tuple(f"layer.{i}" for i in range(4)) and not p.streaming
+    assert p.pcie_bytes_per_pass == 0 and p.gpu_planned_bytes == 450 * MB
+
+
+def test_gpu_then_pinned_host_then_disk():
+    units = _units(10)
+    # GPU: 100 fixed + 2 slots of 130 = 360 minimum; 240 more holds 2 layers
+    # host: 2 staging buffers of 30 = 60; 100 more pins 3 layers' records
+    p = plan_two_budgets(units, gpu_budget=600 * MB, host_budget=160 * MB, gpu_fixed={"kv": 100 * MB}, host_fixed={})
+    assert len(p.gpu_resident) == 2 and len(p.host_resident) == 3 and len(p.disk_streamed) == 5
+    assert p.gpu_planned_bytes <= p.gpu_budget_bytes and p.host_planned_bytes <= p.host_budget_bytes
+    assert p.pcie_bytes_per_pass == 8 * 30 * MB  # quantized size crosses PCIe, never the compute form
+    assert p.disk_bytes_per_pass == 5 * 28 * MB
+    assert "2 layers resident" in p.describe()
+
+
+def test_budgets_too_small_say_the_minimum_and_the_option():
+    with pytest.raises(BudgetTooSmallError, match=r"GPU budget .* below the 343.3 MiB .* --gpu-budget 360MB"):
+        plan_two_budgets(_units(10), gpu_budget=300 * MB, host_budget=1000 * MB, gpu_fixed={"kv": 100 * MB}, host_fixed={})
+    with pytest.raises(BudgetTooSmallError, match=r"host memory budget .* pinned staging .* --memory-budget 60MB"):
+        plan_two_budgets(_units(10), gpu_budget=600 * MB, host_budget=50 * MB, gpu_fixed={"kv": 100 * MB}, host_fixed={})
+    with pytest.raises(BudgetTooSmallError, match="--memory-budget 70MB"):
+        plan_two_budgets(_units(2), gpu_budget=10_000 * MB, host_budget=60 * MB, gpu_fixed={}, host_fixed={"import": 70 * MB})
+
+
+def test_plans_never_exceed_either_budget():
+    rng = random.Random(0)
+    for _ in range(500):
+        units = [DeviceUnit(f"layer.{i}", rng.randint(1, 300) * MB, t := rng.randint(1, 100) * MB, rng.randint(1, t // MB) * MB)
+                 for i in range(rng.randint(1, 40))]
+        kw = dict(gpu_budget=rng.randint(100, 8000) * MB, host_budget=rng.randint(50, 4000) * MB,
+                  gpu_fixed={"kv": rng.randint(0, 500) * MB}, host_fixed={"base": rng.randint(0, 300) * MB},
+                  num_slots=rng.choice([2, 3]))
+        try:
+            p = plan_two_budgets(units, **kw)
+        except BudgetTooSmallError:
+            continue
+        assert p.gpu_planned_bytes <= p.gpu_budget_bytes and p.host_planned_bytes <= p.host_budget_bytes
+        assert sorted(p.gpu_resident + p.host_resident + p.disk_streamed) == sorted(u.name for u in units)
+
+
+class SimDevice:
+    """Two streams in simulated time: the side stream copies, the compute stream computes;
+    events are completion times. Checks every slot read against the writes into it."""
+
+    def __init__(self, copy_s: float, compute_s: float) -> None:
+        self.copy_s, self.compute_s = copy_s, compute_s
+        self.side = self.compute = 0.0
+        self.waiting = 0.0
+        self.writes: dict[int, list[tuple[float, float, int]]] = {}  # slot -> (start, end, layer)
+        self.reads: list[tuple[int, int, float, float]] = []  # (layer, slot, start, end)
+
+    def copy(self, layer, slot, after):
+        start = max(self.side, after or 0.0)
+        self.side = start + self.copy_s
+        self.writes.setdefault(slot, []).append((start, self.side, layer))
+        return self.side
+
+    def wait(self, event):
+        self.waiting = max(self.waiting, event)
+
+    def record_compute(self):
+        return self.compute
+
+    def run(self, layer, slot):
+        start = max(self.compute, self.waiting)
+        self.compute = start + self.compute_s
+        self.reads.append((layer, slot, start, self.compute))
+
+    def check(self):
+        for layer, slot, start, end in self.reads:
+            done = [w for w in self.writes[slot] if w[1] <= start]
+            assert done and done[-1][2] == layer, f"layer {layer} read slot {slot} holding {done[-1][2] if done else None}"
+            assert not any(w[0] < end and w[1] > start for w in self.writes[slot]), f"slot {slot} written while layer {layer} ran"
+
+
+@pytest.mark.parametrize("copy_s, compute_s, slots", [(1.0, 1.0, 2), (2.0, 1.0, 2), (1.0, 3.0, 2), (1.0, 1.0, 3)])
+def test_copy_schedule_overlaps_and_never_overwrites_a_slot_in_use(copy_s, compute_s, slots):
+    order = [0, 2, 3, 5, 7, 8]  # the streamed layers; the others are resident
+    dev = SimDevice(copy_s, compute_s)
+    pipe = LayerPipeline(dev, order, num_slots=slots)
+    passes = 3
+    for _ in range(passes):
+        for layer in order:
+            slot = pipe.before(layer)
+            dev.run(layer, slot)
+            pipe.after(layer, slot)
+    dev.check()
+    n = passes * len(order)
+    serial = n * (copy_s + compute_s)
+    bound = n * max(copy_s, compute_s) + min(copy_s, compute_s)  # perfect overlap: the slower side, plus one start-up
+    assert dev.compute <= bound + 1e-9 and dev.compute < serial
