@@ -64,6 +64,11 @@ class DevicePlan:
         return bool(self.host_resident or self.disk_streamed)
 
     @property
+    def budget_bytes(self) -> int:
+        """The budget the KV reservation lives in (the GPU's)."""
+        return self.gpu_budget_bytes
+
+    @property
     def gpu_planned_bytes(self) -> int:
         slots = self.num_slots * self.gpu_slot_bytes if self.streaming else 0
         return sum(self.gpu_fixed.values()) + self.gpu_resident_bytes + slots

@@ -66,11 +66,11 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, *, num_layers: int, kv_heads: int, head_dim: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32, on_evict=None) -> None:
+                 dtype: torch.dtype = torch.float32, on_evict=None, device: str | torch.device = "cpu") -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.block_size = block_size
-        self.data = torch.zeros(num_layers, 2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
+        self.data = torch.zeros(num_layers, 2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # unreferenced blocks, least recently used first; cached (hashed) blocks stay findable until evicted
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -320,5 +320,6 @@ def prefix_session_for(model, *, spill=None, block_size: int = DEFAULT_BLOCK_SIZ
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         dtype=model.dtype,
+        device=getattr(model, "device", "cpu"),  # the GPU's memory for a CUDA model
     )
     return PrefixCachingSession(pool, salt=f"{model.variant_id}:{model.dtype}", num_layers=cfg.num_hidden_layers, spill=spill)

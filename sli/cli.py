@@ -13,6 +13,7 @@ from pathlib import Path
 from cache.errors import CacheError
 from cache.store import LayerStore
 from runtime.arch import UnsupportedArchitectureError
+from runtime.cuda import CudaUnavailableError
 from runtime.kernels import KernelError
 from sli.offline.adaptive import AdaptiveQuantizer
 from sli.offline.config import QuantizationConfig, QuantizationMode
@@ -81,7 +82,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from runtime.generate import GenerationOutput
     from runtime.memory import format_size
 
-    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget)
     proc.load()  # quantize if needed and open, before echoing the prompt
     out = GenerationOutput()
     pieces = proc.stream(
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop after this string (repeatable)")
     g.add_argument("--prefetch", action="store_true", help="decode the next layer on a background thread")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: compute on the GPU, layers streamed within --gpu-budget (GPU) and --memory-budget (host)")
+    g.add_argument("--gpu-budget", default=None, help="GPU memory for --device cuda, e.g. 4GB")
     _copy_plan_args(sub, g, with_cache=True)
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
@@ -393,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ModelSourceError, CacheError, KernelError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
+    except (ModelSourceError, CacheError, KernelError, UnsupportedArchitectureError, FileNotFoundError, ValueError,
+            CudaUnavailableError, ImportError) as e:
         print(f"sli: error: {e}", file=sys.stderr)
         return 2
 

@@ -55,7 +55,10 @@ class UniversalSLIProcessor:
         dtype: compute dtype for inference (``"float32"``, ``"bfloat16"``, ``"float16"``, or
             ``"auto"``: the source's). The default for every module; a plan's ``compute_dtype``
             overrides it, and the two given at once must agree. Unset everywhere: float32.
-        device: ``"cpu"``. (``"cuda"`` is refused with a clear error: the CUDA path is not built yet.)
+        device: ``"cpu"``, or ``"cuda"``: layers compute on the GPU, streamed within ``gpu_budget``
+            (GPU memory) and ``memory_budget`` (pinned host memory); see :mod:`runtime.cuda`
+            (not yet run on a GPU: it proves itself against the CPU decode before computing).
+        gpu_budget: GPU memory for ``device="cuda"`` (``"4GB"``).
         context_tokens: tokens of KV the budget reserves (default: chosen by the planner).
         prefetch: decode the next streamed layer on a background thread (see
             :class:`~runtime.executor.StreamingModel`).
@@ -82,6 +85,7 @@ class UniversalSLIProcessor:
         memory_budget: str | int | None = None,
         dtype: str | torch.dtype | None = None,
         device: str = "cpu",
+        gpu_budget: str | int | None = None,
         context_tokens: int | None = None,
         prefetch: bool = False,
         readahead: bool | None = None,
@@ -114,11 +118,18 @@ class UniversalSLIProcessor:
         self._dtype: torch.dtype | None = None
         # contradictions are said now, before anything is read (auto is resolved when first needed)
         streaming_compute_dtype(self.plan, dtype, torch.float32)
-        if device != "cpu":
-            raise NotImplementedError(
-                f"device={device!r}: sli streams on the CPU only in this version; the CUDA path (pinned buffers, "
-                "bitsandbytes GPU kernels) is not built yet. Use device='cpu'."
-            )
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from runtime.cuda import require_cuda
+
+            require_cuda()
+            if gpu_budget is None:
+                raise ValueError("device='cuda' needs gpu_budget (GPU memory sli may use, e.g. '4GB')")
+        elif gpu_budget is not None:
+            raise ValueError("gpu_budget applies to device='cuda' only")
+        self.device = device
+        self.gpu_budget = gpu_budget
         self.context_tokens = context_tokens
         self.prefetch = prefetch
         self.readahead = readahead
@@ -242,6 +253,13 @@ class UniversalSLIProcessor:
     def _open_model(self, vid: str) -> None:
         self._store = LayerStore(self.cache_dir, readonly=True)
         budget = self.memory_budget if self.memory_budget is not None else 1 << 50
+        if self.device == "cuda":
+            from runtime.cuda import CudaStreamingModel
+
+            self._model = CudaStreamingModel(
+                self._store, vid, gpu_budget=self.gpu_budget, memory_budget=budget, dtype=self.dtype, context_tokens=self.context_tokens
+            )
+            return
         self._model = StreamingModel(
             self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens,
             readahead=self.readahead,

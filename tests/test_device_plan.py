@@ -111,3 +111,48 @@ def test_copy_schedule_overlaps_and_never_overwrites_a_slot_in_use(copy_s, compu
     serial = n * (copy_s + compute_s)
     bound = n * max(copy_s, compute_s) + min(copy_s, compute_s)  # perfect overlap: the slower side, plus one start-up
     assert dev.compute <= bound + 1e-9 and dev.compute < serial
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_llama, tmp_path, capsys):
+    import torch
+
+    from runtime.cuda import CudaUnavailableError
+    from sli.cli import main
+    from sli.processor import UniversalSLIProcessor
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    with pytest.raises(CudaUnavailableError, match="sees no CUDA device.*device='cpu'"):
+        UniversalSLIProcessor(tiny_llama, device="cuda", gpu_budget="1GB", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        UniversalSLIProcessor(tiny_llama, device="tpu", cache_dir=tmp_path)
+    assert main(["generate", str(tiny_llama), "--prompt", "hi", "--device", "cuda", "--gpu-budget", "1GB",
+                 "--cache", str(tmp_path)]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "nf4", "int4"])
+def test_record_layout_round_trips_a_layer_through_one_flat_buffer(tiny_llama, tmp_path, mode):
+    """What the CUDA path copies over PCIe: a layer's records packed into one flat buffer
+    (pinned staging, then the GPU slot) and read back as views decode to the same weights."""
+    import torch
+
+    from cache.codecs import decode_tensor
+    from cache.manifest import layer_group
+    from cache.store import LayerStore
+    from runtime.cuda import RecordLayout
+    from sli.processor import UniversalSLIProcessor
+    from sli.quantization import QuantizationConfig
+
+    vid = UniversalSLIProcessor(tiny_llama, quantization_config=QuantizationConfig(mode=mode, group_size=32), cache_dir=tmp_path,
+                                progress=False).quantize().variant_id
+    with LayerStore(tmp_path, readonly=True) as st, st.reader() as r:
+        g = st.require_manifest(vid).groups[2]
+        assert g.name == layer_group(1)
+        encoded = {t.name: r.get(vid, t.name) for t in g.tensors}
+        lay = RecordLayout.of(encoded)
+        assert lay.nbytes >= sum(e.nbytes for e in encoded.values())
+        buf = torch.full((lay.nbytes,), 0xAB, dtype=torch.uint8)
+        lay.fill(buf, encoded)
+        for name, view in lay.views(buf).items():
+            assert torch.equal(decode_tensor(view, torch.float32), decode_tensor(encoded[name], torch.float32)), name
