@@ -71,7 +71,9 @@ class UnsupportedLayerError(TypeError):
 
 
 def _default_dir() -> Path:
-    return Path(os.environ.get("SLI_HOME", Path.home() / ".cache" / "sli")).expanduser() / "layer-cache"
+    from sli.offline.fetch import sli_home
+
+    return sli_home() / "layer-cache"
 
 
 def _module_bytes(m: nn.Module) -> int:
