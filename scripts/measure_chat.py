@@ -63,6 +63,7 @@ def main() -> None:
 
     p = UniversalSLIProcessor(args.model, quantization_config=args.mode, cache_dir=args.cache, memory_budget=args.budget,
                               dtype=args.dtype, context_tokens=args.context, progress=False)
+    p.load()  # quantizes if needed: the tokenizer comes from the cache
     chat = p.chat(system_prompt=SYSTEM)
     r1 = chat.send(QUESTION_1.format(doc=document(p.tokenizer, args.doc_tokens)), max_new_tokens=args.new_tokens)
     history = [dict(m) for m in chat.messages]

@@ -109,6 +109,22 @@ def test_every_mode_on_a_plain_linear(mode, ratio):
         assert _rel(ql(x), layer(x)) < OUTPUT_ERROR_BOUND[mode]
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8", "int4"])
+def test_a_dtype_cast_leaves_the_encoding_alone(mode):
+    from sli.quantization import quantize_layer
+
+    torch.manual_seed(8)
+    q = quantize_layer(nn.Linear(256, 128), mode=mode, compute_dtype=torch.float32)
+    before = {n: p.clone() for n, p in q.named_parameters() if n != "bias"}
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        want = q(x)
+        q.half()
+        assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in q.named_parameters() if n != "bias")
+        got = q(x)
+    assert q.compute_dtype is torch.float32 and _rel(got, want) < 1e-3  # only the bias went through fp16
+
+
 def test_int4_in_bfloat16_computes_with_the_packed_kernel():
     from runtime.kernels import Int4CpuKernel
     from sli.quantization import quantize_layer

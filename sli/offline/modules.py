@@ -99,13 +99,30 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed_kernel(x)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if packed is not None:
             y = Int4CpuKernel.matmul(x.to(torch.bfloat16).contiguous(), packed)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
         else:
-            y = F.linear(x.to(self.compute_dtype), self.dequantized_weight(), self.bias)
+            y = F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
         return y.to(x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves the encoding; a dtype cast (``.half()``, ``.to(torch.bfloat16)``)
+        leaves its parts as they are, since casting them would change the stored codes and
+        scales: the layer keeps computing in its compute dtype."""
+        parts = {_param_name(k): self._parameters.pop(_param_name(k)) for k in self._parts}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, p in parts.items():
+                moved = fn(p.data)
+                self._parameters[name] = nn.Parameter(
+                    moved if moved.dtype == p.dtype else p.data.to(moved.device), requires_grad=False
+                )
+        self._packed = None  # derived again on first use, where the codes now are
+        return self
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight in ``dtype`` (default the compute dtype)."""
