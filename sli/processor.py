@@ -22,7 +22,7 @@ from runtime.memory import parse_size
 from runtime.tokenizer import load_tokenizer
 from sli.offline.adaptive import AdaptiveQuantizer
 from sli.offline.config import QuantizationConfig
-from sli.offline.plans import get_nf4_config, resolve_plan, streaming_compute_dtype
+from sli.offline.plans import get_nf4_config, plan_compute_dtypes, resolve_plan, streaming_compute_dtype
 from sli.offline.fetch import resolve_model, sli_home
 from sli.offline.sources import ModelSource, ModelSourceError, open_source
 from sli.offline.writer import QuantizationReport, quantize_model, variant_id
@@ -163,7 +163,9 @@ class UniversalSLIProcessor:
     def dtype(self) -> torch.dtype:
         """The compute dtype the streamed model runs in (the rule: :func:`~sli.offline.config.streaming_compute_dtype`)."""
         if self._dtype is None:
-            self._dtype = streaming_compute_dtype(self.plan, self._dtype_asked, self._source_dtype())
+            auto = self._dtype_asked == "auto" or "auto" in plan_compute_dtypes(self.plan)
+            source = self._source_dtype() if auto else torch.float32  # the source is read only for "auto"
+            self._dtype = streaming_compute_dtype(self.plan, self._dtype_asked, source)
         return self._dtype
 
     def _source_dtype(self) -> torch.dtype:
