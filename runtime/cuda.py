@@ -108,20 +108,14 @@ class CudaCopyEngine:
     def copy(self, layer: int, slot: int, after):
         m = self.m
         t0 = time.perf_counter()
-        lay = m.layouts[layer]
-        host = m.pinned.get(layer)
-        if host is None:  # from disk, through the slot's staging buffer
-            done = self._staging_done.get(slot)
-            if done is not None:
-                done.synchronize()  # the previous copy out of this staging buffer has finished
-            host = m.staging[slot]
-            with m.store.reader() as r:
-                lay.fill(host, {t.name: r.get(m.variant_id, t.name) for t in m.groups[layer_group(layer)].tensors})
-            m.stats.bytes_read += m.groups[layer_group(layer)].stored_bytes
+        done = self._staging_done.get(slot)
+        # the previous copy out of this staging buffer must have finished before it is refilled
+        host = m.stage(layer, slot, before_fill=done.synchronize if done is not None else None)
+        n = m.layouts[layer].nbytes
         with torch.cuda.stream(self.side):
             if after is not None:
                 self.side.wait_event(after)
-            m.slot_records[slot][: lay.nbytes].copy_(host[: lay.nbytes], non_blocking=True)
+            m.slot_records[slot][:n].copy_(host[:n], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.side)
         if layer not in m.pinned:
@@ -138,6 +132,30 @@ class CudaCopyEngine:
         return ev
 
 
+class SyncCopyEngine:
+    """The same schedule with copies done at once and no events: what the device path does on
+    a host without a GPU (``device="cpu"``), so that everything but the streams and events is
+    tested everywhere."""
+
+    def __init__(self, model: "CudaStreamingModel") -> None:
+        self.m = model
+
+    def copy(self, layer: int, slot: int, after):
+        m = self.m
+        t0 = time.perf_counter()
+        host = m.stage(layer, slot)
+        n = m.layouts[layer].nbytes
+        m.slot_records[slot][:n].copy_(host[:n])
+        m.stats.load_seconds += time.perf_counter() - t0
+        return None
+
+    def wait(self, event) -> None:
+        pass
+
+    def record_compute(self):
+        return None
+
+
 class CudaStreamingModel:
     """A causal LM computing on a GPU, its layers streamed within a GPU budget and a host budget.
 
@@ -147,6 +165,8 @@ class CudaStreamingModel:
         memory_budget: host memory for pinned records and staging.
         dtype: compute dtype (bfloat16, float16 or float32).
         context_tokens: tokens of KV reserved on the GPU (default: the model's, at most 4096).
+        device: ``"cuda"`` (default), or ``"cpu"``: the same path with synchronous copies and no
+            pinned memory, which tests everything but the streams and events on any host.
 
     Raises:
         CudaUnavailableError: no CUDA device.
@@ -163,13 +183,15 @@ class CudaStreamingModel:
         dtype: torch.dtype = torch.bfloat16,
         context_tokens: int | None = None,
         prefill_chunk: int = 512,
+        device: str | torch.device = "cuda",
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
         from runtime.executor import config_from_manifest
 
-        self.device = require_cuda()
+        self.device = require_cuda() if torch.device(device).type == "cuda" else torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
         self.store, self.variant_id, self.dtype = store, variant_id, dtype
         self.manifest = store.require_manifest(variant_id)
         self.config = config_from_manifest(self.manifest)
@@ -213,15 +235,16 @@ class CudaStreamingModel:
         self.pinned: dict[int, torch.Tensor] = {}
         for i in streamed:
             if layer_group(i) in self.plan.host_resident:
-                buf = torch.empty(self.layouts[i].nbytes, dtype=torch.uint8, pin_memory=True)
+                buf = torch.empty(self.layouts[i].nbytes, dtype=torch.uint8, pin_memory=self.on_gpu)
                 with store.reader() as r:
                     self.layouts[i].fill(buf, {t.name: r.get(variant_id, t.name) for t in self.groups[layer_group(i)].tensors})
                 self.pinned[i] = buf
         n = self.plan.num_slots if streamed else 0
-        self.staging = [torch.empty(self.plan.staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(n)]
+        self.staging = [torch.empty(self.plan.staging_bytes, dtype=torch.uint8, pin_memory=self.on_gpu) for _ in range(n)]
         self.slot_records = [torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=self.device) for _ in range(n)]
         self.slot_weights = [self._slot_buffers(streamed) for _ in range(n)]
-        self.pipeline = LayerPipeline(CudaCopyEngine(self), streamed, n) if streamed else None
+        engine = CudaCopyEngine(self) if self.on_gpu else SyncCopyEngine(self)
+        self.pipeline = LayerPipeline(engine, streamed, n) if streamed else None
         self._slot_of: dict[int, int] = {}
         for i in streamed:
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_loader(i)))
@@ -229,6 +252,20 @@ class CudaStreamingModel:
         self._proved = False
 
     # -- weights -----------------------------------------------------------------------------
+    def stage(self, layer: int, slot: int, before_fill=None) -> torch.Tensor:
+        """The host buffer holding ``layer``'s records: its pinned copy when the plan keeps one,
+        else staging buffer ``slot``, filled from the cache (after ``before_fill()``)."""
+        host = self.pinned.get(layer)
+        if host is not None:
+            return host
+        if before_fill is not None:
+            before_fill()
+        host = self.staging[slot]
+        with self.store.reader() as r:
+            self.layouts[layer].fill(host, {t.name: r.get(self.variant_id, t.name) for t in self.groups[layer_group(layer)].tensors})
+        self.stats.bytes_read += self.groups[layer_group(layer)].stored_bytes
+        return host
+
     def _decode_on_gpu(self, t: TensorEntry, reader) -> torch.Tensor:
         """A tensor decoded on the GPU from its records (copied at their stored size)."""
         out = torch.empty(t.shape, dtype=self.dtype, device=self.device)
@@ -300,9 +337,9 @@ class CudaStreamingModel:
             return 0.0
         i = self.pipeline.order[0]
         slot = self.pipeline.before(i)
-        torch.cuda.synchronize(self.device)
+        self._sync()
         got = self._decode_slot(i, slot)
-        torch.cuda.synchronize(self.device)
+        self._sync()
         worst = 0.0
         with self.store.reader() as r:
             for t in self.groups[layer_group(i)].tensors:
@@ -315,11 +352,15 @@ class CudaStreamingModel:
                         f"records; nothing was computed with it. Use device='cpu' and report this (torch {torch.__version__})"
                     )
         self.pipeline.after(i, slot)
+        self._sync()
         self.pipeline.reset()
-        torch.cuda.synchronize(self.device)
         self._proved = True
-        logger.info("CUDA path proved on %s (worst relative error %.2e)", t.name, worst)
+        logger.info("device path proved on %s (%s; worst relative error %.2e)", t.name, self.device, worst)
         return worst
+
+    def _sync(self) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
 
     # -- running -----------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -332,7 +373,7 @@ class CudaStreamingModel:
         try:
             return self.model(input_ids=input_ids.to(self.device), **kwargs)
         except BaseException:
-            torch.cuda.synchronize(self.device)
+            self._sync()
             if self.pipeline is not None:
                 self.pipeline.reset()
             raise
@@ -344,11 +385,10 @@ class CudaStreamingModel:
         return self.forward(input_ids, attention_mask=attention_mask, use_cache=False).logits.float().cpu()
 
     def peak_gpu_bytes(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device)
+        return torch.cuda.max_memory_allocated(self.device) if self.on_gpu else 0
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize(self.device)
+        self._sync()
