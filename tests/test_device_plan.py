@@ -236,3 +236,31 @@ def test_device_path_on_cpu_quantized_equals_the_dequantized_reference(tmp_path,
     assert (m.logits(ids) - ref).abs().max().item() < 1e-4
     m.close()
     store.close()
+
+
+def test_device_path_generates_the_same_tokens_with_the_paged_kv(tmp_path):
+    """Generation over the device path (the KV pool on the model's device) gives the tokens
+    the CPU streaming model gives, with and without prefix reuse."""
+    import torch
+
+    from cache.store import LayerStore
+    from conftest import make_tiny_model
+    from runtime.executor import StreamingModel
+    from runtime.generate import SamplingConfig, generate
+    from runtime.kv import prefix_session_for
+
+    path = make_tiny_model(tmp_path, "llama", layers=4, seed=33)
+    m, store = _device_model(path, tmp_path / "c", "int8", "64GB")
+    ref = StreamingModel(store, m.variant_id, memory_budget="1GB", dtype=torch.float32, context_tokens=128)
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]])
+    cfg = SamplingConfig(max_new_tokens=6)
+    want = generate(ref, prompt, cfg).token_ids
+    assert generate(m, prompt, cfg).token_ids == want
+    session = prefix_session_for(m)
+    assert session.pool.data.device == m.device
+    first = generate(m, prompt, cfg, prefix_cache=session)
+    again = generate(m, prompt, cfg, prefix_cache=session)
+    assert first.token_ids == again.token_ids == want and again.stats.cached_tokens == 16
+    ref.close()
+    m.close()
+    store.close()
