@@ -243,7 +243,6 @@ def test_device_path_generates_the_same_tokens_with_the_paged_kv(tmp_path):
     the CPU streaming model gives, with and without prefix reuse."""
     import torch
 
-    from cache.store import LayerStore
     from conftest import make_tiny_model
     from runtime.executor import StreamingModel
     from runtime.generate import SamplingConfig, generate

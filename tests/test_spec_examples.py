@@ -103,7 +103,7 @@ def test_every_example_runs_as_written(tmp_path, tiny_llama, monkeypatch):
     assert re.search(r"Retention: \d+\.\d%", printed)
     assert "Mode: " in printed and "Compute dtype: torch.float16" in printed
     assert re.search(r"Reduction: \d+\.\dx", printed)
-    assert f"bitsandbytes available: True" in printed
+    assert "bitsandbytes available: True" in printed
     # what the examples built
     assert ns["available"] == ["int8", "nf4", "fp4", "my_custom_int8"]
     assert type(ns["quantized_model"].model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
