@@ -13,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
 
+def dequantized_reference(path, store, variant_id: str):
+    """transformers' own model for ``path`` in fp32, holding every weight a cache variant
+    decodes to: the reference quantized modes are checked against."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model.load_state_dict(dict(store.iter_tensors(variant_id, torch.float32)), strict=True)
+    return model
+
+
 def tiny_config(model_type: str, *, layers: int = 2, hidden: int = 64, vocab: int = 320, tie_word_embeddings: bool = False):
     from transformers import AutoConfig
 

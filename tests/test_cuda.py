@@ -4,7 +4,7 @@ where torch sees no CUDA device (every CPU host, this project's CI included)."""
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import dequantized_reference, make_tiny_model
 
 pytestmark = [
     pytest.mark.cuda,
@@ -54,17 +54,13 @@ def test_mode_none_streamed_logits_equal_the_reference(tmp_path, dtype, tol, sha
 
 @pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "nf4", "fp4", "int4"])
 def test_quantized_modes_equal_the_dequantized_reference(tmp_path, mode):
-    from transformers import AutoModelForCausalLM
-
     from cache.store import LayerStore
 
     path = make_tiny_model(tmp_path, "llama", layers=4, seed=22)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     m, store = _open(path, tmp_path / "c", mode, torch.float32, "64MB")
-    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with LayerStore(tmp_path / "c", readonly=True) as st:
-        for name, t in st.iter_tensors(m.variant_id, torch.float32):
-            ref_model.get_parameter(name).data.copy_(t)
+        ref_model = dequantized_reference(path, st, m.variant_id)
     with torch.no_grad():
         ref = ref_model(ids).logits
     assert (m.logits(ids) - ref).abs().max().item() < 1e-3

@@ -215,9 +215,8 @@ def test_device_path_on_cpu_equals_the_reference(tmp_path, where):
 @pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "nf4", "int4"])
 def test_device_path_on_cpu_quantized_equals_the_dequantized_reference(tmp_path, mode):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from conftest import make_tiny_model
+    from conftest import dequantized_reference, make_tiny_model
 
     path = make_tiny_model(tmp_path, "llama", layers=4, seed=32)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89]])
@@ -228,9 +227,7 @@ def test_device_path_on_cpu_quantized_equals_the_dequantized_reference(tmp_path,
     store.close()
     m, store = _device_model(path, tmp_path / "c", mode, minimum, "1GB")
     assert not m.plan.gpu_resident  # everything streams through the slots
-    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for name, t in store.iter_tensors(m.variant_id, torch.float32):
-        ref_model.get_parameter(name).data.copy_(t)
+    ref_model = dequantized_reference(path, store, m.variant_id)
     with torch.no_grad():
         ref = ref_model(ids).logits
     assert (m.logits(ids) - ref).abs().max().item() < 1e-4

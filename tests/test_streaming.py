@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cache import LayerStore
-from conftest import TINY_TYPES, make_tiny_model
+from conftest import TINY_TYPES, dequantized_reference, make_tiny_model
 from runtime.budget import BudgetTooSmallError, MemoryBudget, Unit
 from runtime.executor import PackedInt4Linear, StreamingModel
 from runtime.generate import GenerationOutput, SamplingConfig, generate, stream
@@ -69,10 +69,8 @@ def test_streamed_logits_match_transformers(tmp_path, tiny_root, model_type):
 
 def test_quantized_mode_matches_transformers_on_dequantized_weights(tmp_path, tiny_llama):
     r = UniversalSLIProcessor(tiny_llama, quantization_config="nf4", cache_dir=tmp_path, progress=False).quantize()
-    ref = _reference(tiny_llama)
     with LayerStore(tmp_path, readonly=True) as st:
-        sd = dict(st.iter_tensors(r.variant_id, torch.float32))
-        ref.load_state_dict(sd, strict=True)
+        ref = dequantized_reference(tiny_llama, st, r.variant_id)
         m = StreamingModel(st, r.variant_id, memory_budget=1 << 40)
         ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -260,10 +258,9 @@ def test_packed_int4_kernel_matches_dequantized_weights(tmp_path, tiny_root):
     layers stay resident at the same budget."""
     path = make_tiny_model(tiny_root, "llama", layers=4, seed=12, hidden=128)
     r = UniversalSLIProcessor(path, quantization_config="int4", cache_dir=tmp_path, progress=False).quantize()
-    ref = _reference(path)
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(5))
     with LayerStore(tmp_path, readonly=True) as st:
-        ref.load_state_dict(dict(st.iter_tensors(r.variant_id, torch.float32)), strict=True)
+        ref = dequantized_reference(path, st, r.variant_id)
         with torch.no_grad():
             want = ref(ids).logits
         full = StreamingModel(st, r.variant_id, memory_budget=1 << 40, dtype=torch.bfloat16, context_tokens=CTX)
