@@ -169,17 +169,23 @@ class UniversalSLIProcessor:
         return self._dtype
 
     def _source_dtype(self) -> torch.dtype:
-        """The dtype of the model's layer weights (for ``"auto"``)."""
+        """The dtype of the model's first floating weight (for ``"auto"``).
+
+        Raises:
+            ValueError: the model has no floating weight to take it from.
+        """
         from cache.record import dtype_from_name
 
         if self.cache_only:
             with LayerStore(self.cache_dir, readonly=True) as st:
                 m = st.require_manifest(self._cached_variant())
-            dtypes = [t.dtype for t in m.tensors().values() if len(t.shape) == 2]
-        else:  # the first floating weight (some formats read a tensor to know its dtype)
-            metas = (self.source.tensor_meta(n)[1] for n in self.source.tensor_names() if n.endswith(".weight"))
-            dtypes = [next((d for d in metas if d in ("float32", "float16", "bfloat16")), "float32")]
-        return dtype_from_name(dtypes[0]) if dtypes else torch.float32
+            dtypes = (t.dtype for t in m.tensors().values() if len(t.shape) == 2)
+        else:  # lazily: some formats read a tensor to know its dtype
+            dtypes = (self.source.tensor_meta(n)[1] for n in self.source.tensor_names() if n.endswith(".weight"))
+        found = next((d for d in dtypes if d in ("float32", "float16", "bfloat16")), None)
+        if found is None:
+            raise ValueError(f"dtype 'auto': {self.model_path} has no floating weight to take the dtype from; give the dtype")
+        return dtype_from_name(found)
 
     @property
     def source(self) -> ModelSource:
