@@ -36,7 +36,7 @@ from runtime.arch import ArchSpec
 from runtime.budget import activation_bytes, kv_bytes_per_token
 from runtime.copysched import LayerPipeline
 from runtime.devplan import DevicePlan, DeviceUnit, plan_two_budgets
-from runtime.loader import StreamStats
+from runtime.loader import Slot, StreamStats, role_sizes
 from runtime.memory import parse_size
 from runtime.surgery import assign, empty_weights
 
@@ -242,7 +242,7 @@ class CudaStreamingModel:
         n = self.plan.num_slots if streamed else 0
         self.staging = [torch.empty(self.plan.staging_bytes, dtype=torch.uint8, pin_memory=self.on_gpu) for _ in range(n)]
         self.slot_records = [torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=self.device) for _ in range(n)]
-        self.slot_weights = [self._slot_buffers(streamed) for _ in range(n)]
+        self.slot_weights = [Slot(role_sizes(self.groups, self.arch.layers, streamed), dtype, self.device) for _ in range(n)]
         engine = CudaCopyEngine(self) if self.on_gpu else SyncCopyEngine(self)
         self.pipeline = LayerPipeline(engine, streamed, n) if streamed else None
         self._slot_of: dict[int, int] = {}
@@ -288,22 +288,13 @@ class CudaStreamingModel:
                 if layer_group(i) in self.plan.gpu_resident:
                     assign(self.model, {t.name: self._decode_on_gpu(t, r) for t in self.groups[layer_group(i)].tensors})
 
-    def _slot_buffers(self, layers: list[int]) -> dict[str, torch.Tensor]:
-        sizes: dict[str, int] = {}
-        for i in layers:
-            prefix = f"{self.arch.layers}.{i}."
-            for t in self.groups[layer_group(i)].tensors:
-                role = t.name.removeprefix(prefix)
-                sizes[role] = max(sizes.get(role, 0), math.prod(t.shape))
-        return {role: torch.empty(n, dtype=self.dtype, device=self.device) for role, n in sizes.items()}
-
     def _decode_slot(self, i: int, slot: int) -> dict[str, torch.Tensor]:
         """Layer i's records, in GPU slot ``slot``, decoded on the compute stream."""
         prefix = f"{self.arch.layers}.{i}."
         out = {}
         for name, enc in self.layouts[i].views(self.slot_records[slot]).items():
             role = name.removeprefix(prefix)
-            dst = self.slot_weights[slot][role][: math.prod(enc.shape)].view(enc.shape)
+            dst = self.slot_weights[slot].view(role, list(enc.shape))
             out[name] = decode_tensor(enc, out=dst)
         return out
 

@@ -65,12 +65,25 @@ class LoadedChunk:
     seconds: float
 
 
+def role_sizes(groups: dict[str, GroupEntry], layers_prefix: str, layers, skip=frozenset()) -> dict[str, int]:
+    """Elements a slot needs per tensor role (``self_attn.q_proj.weight`` ...): the largest
+    over ``layers``; tensors named in ``skip`` take no slot buffer."""
+    sizes: dict[str, int] = {}
+    for i in layers:
+        prefix = f"{layers_prefix}.{i}."
+        for t in groups[layer_group(i)].tensors:
+            if t.name not in skip:
+                role = t.name.removeprefix(prefix)
+                sizes[role] = max(sizes.get(role, 0), math.prod(t.shape))
+    return sizes
+
+
 class Slot:
     """Preallocated buffers for one streamed layer, one flat buffer per tensor role
     (``self_attn.q_proj.weight`` ...), sized for the largest layer that uses it."""
 
-    def __init__(self, sizes: dict[str, tuple[int, torch.dtype]]) -> None:
-        self.buffers = {role: torch.empty(n, dtype=dt) for role, (n, dt) in sizes.items()}
+    def __init__(self, sizes: dict[str, int], dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        self.buffers = {role: torch.empty(n, dtype=dtype, device=device) for role, n in sizes.items()}
         self.owner: int | None = None
         self.reader = None  # an open transaction whose records the layer uses in place
 
@@ -87,8 +100,8 @@ class Slot:
 class SlotPool:
     """The slots streamed layers are decoded into."""
 
-    def __init__(self, count: int, sizes: dict[str, tuple[int, torch.dtype]]) -> None:
-        self.slots = [Slot(sizes) for _ in range(count)]
+    def __init__(self, count: int, sizes: dict[str, int], dtype: torch.dtype) -> None:
+        self.slots = [Slot(sizes, dtype) for _ in range(count)]
 
     def take(self, owner: int) -> Slot:
         for s in self.slots:
@@ -166,20 +179,10 @@ class RecordLoader:
         """Set up the slots for the streamed layers, in the order they run (wrapping to the
         first for the next pass); ``head``: the head entry when it streams too."""
         self.next_layer = {i: streamed[(k + 1) % len(streamed)] for k, i in enumerate(streamed)}
-        self.slots = SlotPool(slots, self._slot_sizes(streamed)) if streamed else None
+        # packed weights take no slot buffer: they are used in place, from the map
+        self.slots = SlotPool(slots, role_sizes(self.groups, self.layers_prefix, streamed, self.packed), self.dtype) if streamed else None
         self.head_after = streamed[-1] if streamed and head is not None else None
         self._head_entry = head
-
-    def _slot_sizes(self, layers: tuple[int, ...]) -> dict[str, tuple[int, torch.dtype]]:
-        sizes: dict[str, tuple[int, torch.dtype]] = {}
-        for i in layers:
-            prefix = f"{self.layers_prefix}.{i}."
-            for t in self.groups[layer_group(i)].tensors:
-                if t.name in self.packed:  # packed weights are used in place, from the map
-                    continue
-                role = t.name.removeprefix(prefix)
-                sizes[role] = (max(sizes.get(role, (0, self.dtype))[0], math.prod(t.shape)), self.dtype)
-        return sizes
 
     def account(self, stored: int, seconds: float) -> None:
         self.stats.bytes_read += stored
