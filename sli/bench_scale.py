@@ -590,8 +590,8 @@ def plot(res: dict[str, Any], path: Path) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return ""
+    except ImportError as e:  # as sli bench: a missing plotting library is said, not skipped
+        raise ImportError(f"the plot needs matplotlib ({e}); install it with pip install 'sli[bench]'") from e
     from runtime.memory import parse_size
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

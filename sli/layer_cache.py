@@ -42,7 +42,7 @@ from cache.codecs import CodecName, RawCodec
 from cache.manifest import GroupEntry, TensorEntry, layer_group
 from cache.record import EncodedTensor, dtype_from_name, dtype_name, encode_record
 from cache.store import LayerStore
-from sli.offline.config import QuantizationMode, dtype_str, parse_dtype
+from sli.offline.config import COMPUTE_DTYPES, QuantizationMode, dtype_str, parse_dtype
 from sli.offline.modules import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ GB = 1 << 30
 VARIANT_PREFIX = "layer-cache-"
 _RAW = RawCodec()
 _ACTIVATIONS = {"ReLU", "GELU", "SiLU", "Tanh", "Identity", "Dropout", "Sigmoid"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # which codecs a quantization mode writes (a layer cached "as nf4" must hold nf4 linears)
 _MODE_CODECS = {
     QuantizationMode.NONE: set(),
@@ -143,7 +142,7 @@ def _skeleton(desc: dict[str, Any], encoded: dict[str, EncodedTensor], prefix: s
     if kind == "quantized_linear":
         enc = encoded[f"{prefix}weight"]
         bias = torch.empty(enc.shape[0], device="meta") if desc["bias"] else None
-        q = QuantizedLinear(enc, None, compute_dtype=parse_dtype(desc["compute_dtype"], _DTYPES, "compute_dtype"))
+        q = QuantizedLinear(enc, None, compute_dtype=parse_dtype(desc["compute_dtype"], COMPUTE_DTYPES, "compute_dtype"))
         if bias is not None:
             q.bias = nn.Parameter(bias, requires_grad=False)
         return q

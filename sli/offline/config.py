@@ -34,7 +34,7 @@ import torch
 
 from cache.codecs import CodecName
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STORAGE_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -124,7 +124,7 @@ class QuantizationPlan(Protocol):
 def _check_compute_dtype(value: Any) -> torch.dtype | str | None:
     if value is None or value == "auto":
         return value
-    return parse_dtype(value, _DTYPES, "compute_dtype ('auto', None or a dtype)")
+    return parse_dtype(value, COMPUTE_DTYPES, "compute_dtype ('auto', None or a dtype)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sli.offline.adaptive import AdaptiveQuantizer
-from sli.offline.config import _DTYPES, DEFAULT_SKIP_MODULES, QuantizationConfig, QuantizationMode, dtype_str, parse_dtype
+from sli.offline.config import COMPUTE_DTYPES, DEFAULT_SKIP_MODULES, QuantizationConfig, QuantizationMode, dtype_str, parse_dtype
 
 
 def plan_from_dict(d: dict[str, Any]) -> QuantizationConfig | AdaptiveQuantizer:
@@ -42,7 +42,7 @@ def streaming_compute_dtype(
             "module in one; set compute_dtype on the AdaptiveQuantizer only (or on no part)"
         )
     plan_dtype = next(iter(asked))
-    proc = None if processor_dtype is None else (processor_dtype if processor_dtype == "auto" else parse_dtype(processor_dtype, _DTYPES, "dtype"))
+    proc = None if processor_dtype is None else (processor_dtype if processor_dtype == "auto" else parse_dtype(processor_dtype, COMPUTE_DTYPES, "dtype"))
 
     def resolve(v):
         return source_dtype if v == "auto" else v
