@@ -147,11 +147,12 @@ def _resolve_compute_dtype(asked: torch.dtype | str | None, weight_dtype: torch.
     return weight_dtype if asked == "auto" else asked
 
 
-def _linears(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Module, str, nn.Linear]]:
-    """(full name, parent, attribute, linear) for every ``nn.Linear`` below ``module``."""
+def _children(module: nn.Module, prefix: str, kind: type = nn.Linear) -> Iterable[tuple[str, nn.Module, str, nn.Module]]:
+    """(full name, parent, attribute, child) for every ``kind`` module below ``module``, listed
+    before any is replaced."""
     for name, parent in list(module.named_modules()):
         for attr, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, kind):
                 local = f"{name}.{attr}" if name else attr
                 yield (f"{prefix}.{local}" if prefix else local), parent, attr, child
 
@@ -193,7 +194,7 @@ class LayerQuantizer:
         """
         if isinstance(layer, nn.Linear):
             return self._quantize_linear(layer_name, layer)
-        for full, parent, attr, child in _linears(layer, layer_name):
+        for full, parent, attr, child in _children(layer, layer_name):
             q = self._quantize_linear(full, child)
             if q is not child:
                 setattr(parent, attr, q)
@@ -208,10 +209,8 @@ class LayerQuantizer:
         )
         if isinstance(layer, QuantizedLinear):
             return layer.to_linear(dtype)
-        for name, parent in list(layer.named_modules()):
-            for attr, child in list(parent.named_children()):
-                if isinstance(child, QuantizedLinear):
-                    setattr(parent, attr, child.to_linear(dtype))
+        for _, parent, attr, child in _children(layer, "", QuantizedLinear):
+            setattr(parent, attr, child.to_linear(dtype))
         return layer
 
     @staticmethod
@@ -244,7 +243,7 @@ def quantize_model_linears(model: nn.Module, plan: QuantizationConfig | Quantiza
     the config the plan picks (kept ones stay); returns ``model``."""
     quantizer = LayerQuantizer(plan)
     before = after = swapped = 0
-    linears = list(_linears(model, ""))
+    linears = list(_children(model, ""))
     for full, parent, attr, child in tqdm(linears, desc="quantize", unit="linear", disable=not progress):
         q = quantizer._quantize_linear(full, child)
         if q is child:
