@@ -124,7 +124,7 @@ def describe(module: nn.Module) -> dict[str, Any]:
     cls = type(module)
     cfg = _hf_config(module)
     if cls.__module__.startswith("transformers.") and cfg is not None:
-        quantized = {n: describe(m) for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+        quantized = {n: describe(m) for n, m in _quantized(module).items()}
         return {"kind": "transformers", "class": f"{cls.__module__}.{cls.__qualname__}", "model_type": cfg.model_type,
                 "config": cfg.to_dict(), "attn_implementation": getattr(cfg, "_attn_implementation", None),
                 "layer_idx": _layer_idx(module), "quantized": quantized}
@@ -133,6 +133,17 @@ def describe(module: nn.Module) -> dict[str, Any]:
         "QuantizedLinear, nn.Embedding, nn.LayerNorm, nn.Sequential/ModuleList of these, and transformers modules "
         "built from a model config (decoder layers, attention and MLP blocks)"
     )
+
+
+def _quantized(module: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def _in_encoding(name: str, quantized) -> bool:
+    """Whether a state-dict key or record name belongs to a quantized linear's encoding (kept
+    as one record, ``<linear>.weight``) rather than being a plain tensor (its bias included)."""
+    owner, _, leaf = name.rpartition(".")
+    return owner in quantized and leaf != "bias"
 
 
 def _skeleton(desc: dict[str, Any], encoded: dict[str, EncodedTensor], prefix: str = "") -> nn.Module:
@@ -247,7 +258,8 @@ class LayerCache:
                 the layer alone is larger than ``max_cache_size_gb``.
         """
         desc = describe(layer)
-        modes = {m.codec for m in layer.modules() if isinstance(m, QuantizedLinear)}
+        quantized = _quantized(layer)
+        modes = {m.codec for m in quantized.values()}
         if quantization_mode is not None and str(getattr(quantization_mode, "value", quantization_mode)) != "mixed":
             mode = QuantizationMode(getattr(quantization_mode, "value", quantization_mode))
             if modes - _MODE_CODECS[mode] or (mode is not QuantizationMode.NONE and not modes):
@@ -257,15 +269,11 @@ class LayerCache:
                 )
         vid, group = self._vid(model_id), layer_group(layer_index)
         records, entries = {}, []
-        quantized_names = {n for n, m in layer.named_modules() if isinstance(m, QuantizedLinear)}
-        for qname in sorted(quantized_names):
-            m = layer.get_submodule(qname) if qname else layer
+        for qname, m in sorted(quantized.items()):
             self._add(records, entries, group, layer_index, f"{qname}.weight" if qname else "weight", m.encoded)
         for name, t in layer.state_dict().items():
-            owner = name.rpartition(".")[0]
-            if owner in quantized_names and not name.endswith(".bias") and name != "bias":
-                continue  # the encoding's parts, stored above as one record
-            self._add(records, entries, group, layer_index, name, _RAW.encode(t.detach().cpu()))
+            if not _in_encoding(name, quantized):  # the encoding's parts are stored above, as one record
+                self._add(records, entries, group, layer_index, name, _RAW.encode(t.detach().cpu()))
         stored = sum(e.stored_bytes for e in entries)
         if stored > self.max_cache_bytes:
             raise ValueError(
@@ -352,14 +360,9 @@ class LayerCache:
         encoded = {t.name.removeprefix(prefix): self.store.get_record(vid, t.name) for t in entry.tensors}
         desc = entry.extra["module"]
         module = _skeleton(desc, encoded)
-        quantized = {n for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
-        state = {}
-        for name, enc in encoded.items():
-            owner = name.rpartition(".")[0]
-            if owner in quantized and name.endswith(".weight") or (name == "weight" and "" in quantized):
-                continue
-            state[name] = enc.parts["data"]
-        expected = {k for k in module.state_dict() if k.rpartition(".")[0] not in quantized or k.endswith("bias")}
+        quantized = _quantized(module)
+        state = {name: enc.parts["data"] for name, enc in encoded.items() if not _in_encoding(name, quantized)}
+        expected = {k for k in module.state_dict() if not _in_encoding(k, quantized)}
         if set(state) != expected:
             raise ValueError(
                 f"layer {layer_index} of {model_id} does not rebuild: records {sorted(set(state) ^ expected)} do not match its "
