@@ -41,7 +41,7 @@ from cache.errors import (
 )
 from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest, TensorEntry
 from cache.readahead import advise_willneed, drop_file_cache
-from cache.record import EncodedTensor, decode_record, dtype_from_name
+from cache.record import EncodedTensor, decode_record, dtype_from_name, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -601,6 +601,23 @@ class RecordReader:
         checks the record when it is used."""
         buf = self.txn.get(_k(f"{vid}/{name}"))
         return 0 if buf is None else advise_willneed(buf)
+
+    def header(self, vid: str, name: str) -> dict[str, Any]:
+        """A record's verified header (codec, shape, dtype, params, and each part's name,
+        dtype and shape), without reading its payload.
+
+        Raises:
+            VariantNotFoundError: no such record.
+            CorruptRecordError: the header fails its checks.
+        """
+        key = f"{vid}/{name}"
+        buf = self.txn.get(_k(key))
+        if buf is None:
+            raise VariantNotFoundError(f"no record {key!r} in {self.store.path}")
+        try:
+            return read_header(key, buf)[0]
+        except CorruptRecordError as e:
+            raise CorruptRecordError(key, e.reason, cache_path=str(self.store.path)) from e
 
     def get(self, vid: str, name: str) -> EncodedTensor:
         """Verify and parse a record; its parts are valid until the transaction ends.

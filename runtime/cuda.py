@@ -30,7 +30,7 @@ from torch import nn
 
 from cache.codecs import decode_tensor
 from cache.manifest import EMBED_GROUP, HEAD_GROUP, GroupEntry, TensorEntry, layer_group
-from cache.record import EncodedTensor
+from cache.record import EncodedTensor, dtype_from_name
 from cache.store import LayerStore
 from runtime.arch import ArchSpec
 from runtime.budget import activation_bytes, kv_bytes_per_token
@@ -73,13 +73,14 @@ class RecordLayout:
         self.nbytes = 0
 
     @classmethod
-    def of(cls, encoded: dict[str, EncodedTensor]) -> "RecordLayout":
+    def of(cls, headers: dict[str, dict]) -> "RecordLayout":
+        """From the records' headers (:meth:`cache.store.RecordReader.header`): no payload is read."""
         lay = cls()
-        for name, enc in encoded.items():
-            lay.headers[name] = (enc.codec, tuple(enc.shape), enc.dtype, dict(enc.params))
-            for part, t in enc.parts.items():
-                lay.parts.append((name, part, lay.nbytes, tuple(t.shape), t.dtype))
-                lay.nbytes = _align(lay.nbytes + t.numel() * t.element_size())
+        for name, h in headers.items():
+            lay.headers[name] = (h["codec"], tuple(h["shape"]), h["dtype"], dict(h["params"]))
+            for p in h["parts"]:
+                lay.parts.append((name, p["name"], lay.nbytes, tuple(p["shape"]), dtype_from_name(p["dtype"])))
+                lay.nbytes = _align(lay.nbytes + p["nbytes"])
         return lay
 
     def fill(self, buf: torch.Tensor, encoded: dict[str, EncodedTensor]) -> None:
@@ -217,7 +218,7 @@ class CudaStreamingModel:
         }
         with store.reader() as r:
             self.layouts = {
-                i: RecordLayout.of({t.name: r.get(variant_id, t.name) for t in self.groups[layer_group(i)].tensors})
+                i: RecordLayout.of({t.name: r.header(variant_id, t.name) for t in self.groups[layer_group(i)].tensors})
                 for i in range(len(self.layers))
             }
         units = [
