@@ -465,14 +465,20 @@ class LayerStore:
                 for rname in t.record_names():
                     yield rname, self.get_record(vid, rname)
 
-    def read_tensor(self, vid: str, entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Decode a whole tensor (stitching its row chunks), to ``dtype`` or its original dtype."""
-        out = torch.empty(entry.shape, dtype=dtype or dtype_from_name(entry.dtype))
+    def read_tensor(
+        self, vid: str, entry: TensorEntry, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """Decode a whole tensor (stitching its row chunks), to ``dtype`` or its original dtype.
+        With ``device``, each record's parts are copied there at their stored size and decoded there."""
+        out = torch.empty(entry.shape, dtype=dtype or dtype_from_name(entry.dtype), device=device)
         rows = entry.chunk_rows or entry.shape[0] if entry.shape else 0
         with self.reader() as r:  # decoded straight from the map: no copy of the record in between
             for k, rname in enumerate(entry.record_names()):
                 dst = out[k * rows : (k + 1) * rows] if entry.chunk_rows else out
-                decode_tensor(r.get(vid, rname), out=dst)
+                enc = r.get(vid, rname)
+                if device is not None:
+                    enc = EncodedTensor(enc.codec, enc.shape, enc.dtype, {p: v.to(device) for p, v in enc.parts.items()}, enc.params)
+                decode_tensor(enc, out=dst)
         return out
 
     def iter_tensors(self, vid: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

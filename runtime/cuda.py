@@ -267,27 +267,19 @@ class CudaStreamingModel:
         self.stats.bytes_read += self.groups[layer_group(layer)].stored_bytes
         return host
 
-    def _decode_on_gpu(self, t: TensorEntry, reader) -> torch.Tensor:
-        """A tensor decoded on the GPU from its records (copied at their stored size)."""
-        out = torch.empty(t.shape, dtype=self.dtype, device=self.device)
-        rows = t.chunk_rows or (t.shape[0] if t.shape else 0)
-        for k, rname in enumerate(t.record_names()):
-            enc = reader.get(self.variant_id, rname)
-            gpu = EncodedTensor(enc.codec, enc.shape, enc.dtype, {p: v.to(self.device) for p, v in enc.parts.items()}, enc.params)
-            decode_tensor(gpu, out=out[k * rows : (k + 1) * rows] if t.chunk_rows else out)
-        return out
-
     def _load_resident(self) -> None:
-        with self.store.reader() as r:
-            for g in (EMBED_GROUP, HEAD_GROUP):
-                for t in self.groups[g].tensors:
-                    assign(self.model, {t.name: self._decode_on_gpu(t, r)})
-            head = f"{self.arch.head}.weight"
-            if head not in self.manifest.tensors():
-                assign(self.model, {head: self.model.get_submodule(self.arch.embed).weight})
-            for i in range(len(self.layers)):
-                if layer_group(i) in self.plan.gpu_resident:
-                    assign(self.model, {t.name: self._decode_on_gpu(t, r) for t in self.groups[layer_group(i)].tensors})
+        def read(t: TensorEntry) -> torch.Tensor:  # copied at stored size, decoded on the device
+            return self.store.read_tensor(self.variant_id, t, self.dtype, device=self.device)
+
+        for g in (EMBED_GROUP, HEAD_GROUP):
+            for t in self.groups[g].tensors:
+                assign(self.model, {t.name: read(t)})
+        head = f"{self.arch.head}.weight"
+        if head not in self.manifest.tensors():
+            assign(self.model, {head: self.model.get_submodule(self.arch.embed).weight})
+        for i in range(len(self.layers)):
+            if layer_group(i) in self.plan.gpu_resident:
+                assign(self.model, {t.name: read(t) for t in self.groups[layer_group(i)].tensors})
 
     def _decode_slot(self, i: int, slot: int) -> dict[str, torch.Tensor]:
         """Layer i's records, in GPU slot ``slot``, decoded on the compute stream."""
