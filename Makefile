@@ -65,5 +65,13 @@ quality: model
 chat: model
 	$(PY) scripts/chat.py SmolLM2-135M-Instruct --mode nf4 --memory-budget 96MB --dtype bfloat16
 
+# The benchmarks' peers, each in an environment of its own under $(SLI_HOME)/peers (none is an
+# sli dependency): llama.cpp built from source at the best ISA that runs here, venv-bench (the
+# binding, lm-eval, AirLLM), venv-llmcompressor, the 1 B-shape model and its Q4_0. PARTS picks
+# some: make peers PARTS="llama model-1b". Paths and versions: $(SLI_HOME)/peers/peers.json
+.PHONY: peers
+peers: model
+	SLI_PYTHON=$(abspath $(PY)) bash scripts/setup_peers.sh $(PARTS)
+
 clean:
 	rm -rf $(VENV) $(LATEST) *.egg-info .pytest_cache
