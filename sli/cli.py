@@ -84,6 +84,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget)
     proc.load()  # quantize if needed and open, before echoing the prompt
+    proc.prefix_session()  # the KV pool and its spill store: what they say comes before the prompt too
     out = GenerationOutput()
     pieces = proc.stream(
         a.prompt,
