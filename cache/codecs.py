@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any
@@ -199,6 +200,7 @@ class Int8ChannelCodec(Codec):
 # in cache, and a decode allocates no tensor-sized temporary.
 _4BIT_CHUNK = 1 << 18
 _PAIR_TABLES: dict[tuple[str, bytes], torch.Tensor] = {}
+_SCRATCH = threading.local()  # per thread: the loader may decode on a prefetch thread too
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -216,15 +218,26 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return table
 
 
-def _blockwise_scale(values: torch.Tensor, scales: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
-    """``out[i] = values[i] * scales[i // blocksize]`` (flat, float32 product rounded once to
-    ``out``'s dtype); the last block may be partial."""
+def _scratch(step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's float32 values (``step`` + 2) and int32 byte indices (``step // 2 + 1``),
+    reused across decodes: fresh buffers would be faulted in page by page every time."""
+    key = (str(device), step)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0] != key:
+        bufs = _SCRATCH.bufs = (key, torch.empty(step + 2, dtype=torch.float32, device=device),
+                                torch.empty(step // 2 + 1, dtype=torch.int32, device=device))
+    return bufs[1], bufs[2]
+
+
+def _scale_blocks_(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """In place, float32: ``values[i] *= scales[i // blocksize]`` (flat; the last block may be partial)."""
     n = values.numel()
     full = n - n % blocksize
     if full:
-        torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None], out=out[:full].view(-1, blocksize))
+        values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < n:
-        torch.mul(values[full:], scales[full // blocksize], out=out[full:])
+        values[full:].mul_(scales[full // blocksize])
+    return values
 
 
 def dequantize_4bit_into(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
@@ -256,16 +269,19 @@ def dequantize_4bit_into(packed: torch.Tensor, code: torch.Tensor, absmax: torch
     absmax = absmax.float()
     flat = out.view(-1)
     step = max(blocksize, _4BIT_CHUNK // blocksize * blocksize)  # whole blocks per step: scales stay aligned
-    scratch = torch.empty(min(n, step) + 1, dtype=torch.float32, device=out.device)  # +1: an odd tail
-    index = torch.empty(min(n, step) // 2 + 1, dtype=torch.int32, device=out.device)
+    scratch, index = _scratch(step, out.device)
     for s in range(0, n, step):
         e = min(n, s + step)
         nbytes = (e - s + 1) // 2
         idx = index[:nbytes]
         idx.copy_(q[s // 2 : s // 2 + nbytes])
-        vals = scratch[: 2 * nbytes]
+        direct = out.dtype == torch.float32 and (e - s) % 2 == 0  # float32 lands in place; else via scratch
+        vals = flat[s:e] if direct else scratch[: 2 * nbytes]
         torch.index_select(table, 0, idx, out=vals.view(torch.int64))
-        _blockwise_scale(vals[: e - s], absmax[s // blocksize :], blocksize, flat[s:e])
+        # in place in float32, then one rounding copy: a multiply that casts as it writes measured ~40% slower
+        _scale_blocks_(vals[: e - s], absmax[s // blocksize :], blocksize)
+        if not direct:
+            flat[s:e].copy_(vals[: e - s])
     return out
 
 
@@ -276,11 +292,9 @@ def _bnb_4bit_scales(parts: dict[str, torch.Tensor], params: dict[str, Any]) -> 
     absmax = parts["qs:absmax"]
     if "qs:nested_absmax" not in parts:
         return absmax.float()
-    nested_blocksize = int(params["nested_blocksize"])
     codes = torch.index_select(parts["qs:nested_quant_map"].float(), 0, absmax.reshape(-1).view(torch.uint8).to(torch.int32))
-    scales = torch.empty_like(codes)
-    _blockwise_scale(codes, parts["qs:nested_absmax"].float(), nested_blocksize, scales)
-    return scales.add_(float(params["nested_offset"]))
+    _scale_blocks_(codes, parts["qs:nested_absmax"].float(), int(params["nested_blocksize"]))
+    return codes.add_(float(params["nested_offset"]))
 
 
 class BnB4BitCodec(Codec):
