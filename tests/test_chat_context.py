@@ -124,3 +124,25 @@ def test_real_model_chat_at_64mb_keeps_going_past_its_context(real_model, tmp_pa
             assert chat.messages[-2]["content"] == q
     assert chat.dropped_turns >= 1 and len([m for m in caplog.messages if "outgrew" in m]) == 1
     p.close()
+
+
+@pytest.mark.real
+def test_sli_chat_in_a_small_context_answers_every_turn(real_model, tmp_path):
+    """`sli chat` as a user runs it, fed from a pipe: every turn answered, said once, exits 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    turns = ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Germany?", "And of Portugal?"]
+    r = subprocess.run(
+        [sys.executable, "scripts/chat.py", str(real_model), "--cache", str(tmp_path), "--mode", "int4", "--dtype", "bfloat16",
+         "--context-tokens", "128", "--max-new-tokens", "32", "--system", "Answer in a few words."],
+        input="\n".join(turns) + "\n/exit\n", capture_output=True, text=True, timeout=900, cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers = [a for a in r.stdout.split("bot> ")[1:]]
+    assert len(answers) == len(turns) and all(a.strip() and "[error" not in a for a in answers), r.stdout[-3000:]
+    assert r.stderr.count("outgrew") == 1, r.stderr[-3000:]
