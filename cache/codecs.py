@@ -13,6 +13,9 @@ group), because no maintained library ships a CPU round trip for them.
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any
@@ -21,9 +24,25 @@ import torch
 
 from cache.record import EncodedTensor, dtype_from_name, dtype_name
 
+logger = logging.getLogger(__name__)
+
 
 def _bnb_functional():
-    """bitsandbytes' functional module, or an ImportError that names the fix."""
+    """bitsandbytes' functional module, or an ImportError that names the fix.
+
+    Only encoding (quantizing) needs it: every codec decodes in torch. On CPUs with
+    AVX512-BF16, importing bitsandbytes 0.50 tries to fetch an optional fused CPU 4-bit matmul
+    (``gemm_4bit_forward``) from a model hub through the ``kernels`` package and logs a warning
+    when it cannot. That kernel only serves bitsandbytes' own ``gemv_4bit`` (its Linear4bit at
+    inference), which sli never calls, so that one warning is dropped while importing and
+    said at debug level in sli's words instead.
+    """
+    import sys
+
+    first = "bitsandbytes" not in sys.modules
+    hub_kernel = _DropBnbHubKernelWarning()
+    bnb_cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb_cpu_log.addFilter(hub_kernel)
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as e:
@@ -31,7 +50,26 @@ def _bnb_functional():
             f"bitsandbytes is required for the int8 (LLM.int8), nf4 and fp4 codecs ({e}); "
             "install it: pip install 'bitsandbytes>=0.41.0'"
         ) from e
+    finally:
+        bnb_cpu_log.removeFilter(hub_kernel)
+    if first and hub_kernel.dropped:
+        logger.debug("bitsandbytes' optional fused CPU 4-bit matmul is not installed (%s); sli does not use it: "
+                     "nf4/fp4 records are decoded by sli's own table lookup", hub_kernel.dropped[0])
     return bnbf
+
+
+class _DropBnbHubKernelWarning(logging.Filter):
+    """Drops bitsandbytes' import-time warning about its hub-fetched CPU kernel (see :func:`_bnb_functional`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"):
+            self.dropped.append(str(record.args[0]) if record.args else record.getMessage())
+            return False
+        return True
 
 
 class CodecName(str, Enum):
@@ -158,8 +196,115 @@ class Int8ChannelCodec(Codec):
         return out.mul_(enc.parts["scale"].to(out.dtype)[:, None])
 
 
+# Elements of a 4-bit tensor decoded per step: the float32 scratch (1 MiB) and its index stay
+# in cache, and a decode allocates no tensor-sized temporary.
+_4BIT_CHUNK = 1 << 18
+_PAIR_TABLES: dict[tuple[str, bytes], torch.Tensor] = {}
+_SCRATCH = threading.local()  # per thread: the loader may decode on a prefetch thread too
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """The values of the 256 byte values of a 4-bit codebook, as ``[256]`` int64 holding two
+    float32 each: (code[byte >> 4], code[byte & 15]), the first element in the high nibble, as
+    bitsandbytes packs. One lookup per byte then yields both of its elements."""
+    code = code.detach().float().contiguous()
+    key = (str(code.device), code.cpu().numpy().tobytes())
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        if code.numel() != 16:
+            raise ValueError(f"a 4-bit codebook has 16 entries, this record holds {code.numel()}")
+        pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()  # [256, 2] float32
+        table = _PAIR_TABLES.setdefault(key, pairs.view(torch.int64).view(256))
+    return table
+
+
+def _scratch(step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's float32 values (``step`` + 2) and int32 byte indices (``step // 2 + 1``),
+    reused across decodes: fresh buffers would be faulted in page by page every time."""
+    key = (str(device), step)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0] != key:
+        bufs = _SCRATCH.bufs = (key, torch.empty(step + 2, dtype=torch.float32, device=device),
+                                torch.empty(step // 2 + 1, dtype=torch.int32, device=device))
+    return bufs[1], bufs[2]
+
+
+def _scale_blocks_(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """In place, float32: ``values[i] *= scales[i // blocksize]`` (flat; the last block may be partial)."""
+    n = values.numel()
+    full = n - n % blocksize
+    if full:
+        values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+    if full < n:
+        values[full:].mul_(scales[full // blocksize])
+    return values
+
+
+def dequantize_4bit_into(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
+    """Table-lookup dequantization of bitsandbytes' 4-bit layout, straight into ``out``.
+
+    ``out.flatten()[i] = code[q_i] * absmax[i // blocksize]``, where ``q_{2j}`` is the high and
+    ``q_{2j+1}`` the low nibble of byte ``j`` of ``packed``; the product is computed in float32
+    and rounded once to ``out``'s dtype, as bitsandbytes' ``dequantize_4bit`` does.
+
+    Args:
+        packed: the packed codes (any storage dtype; read as bytes), ``ceil(n / 2)`` bytes.
+        code: the 16-entry codebook (NF4 or FP4).
+        absmax: float32 per-block scales, ``ceil(n / blocksize)``.
+        blocksize: elements per scale.
+        out: contiguous float tensor of ``n`` elements.
+
+    Raises:
+        ValueError: the parts do not fit ``out``.
+    """
+    if not out.is_contiguous():
+        raise ValueError("dequantize_4bit_into writes a contiguous tensor")
+    n = out.numel()
+    q = packed.reshape(-1).view(torch.uint8)
+    if q.numel() * 2 < n or absmax.numel() * blocksize < n or blocksize < 2 or blocksize % 2:
+        raise ValueError(
+            f"4-bit parts do not fit {n} elements: {q.numel()} packed bytes, {absmax.numel()} scales of blocks of {blocksize}"
+        )
+    table = _pair_table(code.to(q.device))
+    absmax = absmax.float()
+    flat = out.view(-1)
+    step = max(blocksize, _4BIT_CHUNK // blocksize * blocksize)  # whole blocks per step: scales stay aligned
+    scratch, index = _scratch(step, out.device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        nbytes = (e - s + 1) // 2
+        idx = index[:nbytes]
+        idx.copy_(q[s // 2 : s // 2 + nbytes])
+        direct = out.dtype == torch.float32 and (e - s) % 2 == 0  # float32 lands in place; else via scratch
+        vals = flat[s:e] if direct else scratch[: 2 * nbytes]
+        torch.index_select(table, 0, idx, out=vals.view(torch.int64))
+        # in place in float32, then one rounding copy: a multiply that casts as it writes measured ~40% slower
+        _scale_blocks_(vals[: e - s], absmax[s // blocksize :], blocksize)
+        if not direct:
+            flat[s:e].copy_(vals[: e - s])
+    return out
+
+
+def _bnb_4bit_scales(parts: dict[str, torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
+    """The float32 per-block scales of a bitsandbytes 4-bit record: stored as they are, or with
+    double quantization, 8-bit codes of a 256-entry codebook times a second level of blockwise
+    scales, plus an offset (bitsandbytes' ``dequantize_blockwise`` + ``offset``)."""
+    absmax = parts["qs:absmax"]
+    if "qs:nested_absmax" not in parts:
+        return absmax.float()
+    codes = torch.index_select(parts["qs:nested_quant_map"].float(), 0, absmax.reshape(-1).view(torch.uint8).to(torch.int32))
+    _scale_blocks_(codes, parts["qs:nested_absmax"].float(), int(params["nested_blocksize"]))
+    return codes.add_(float(params["nested_offset"]))
+
+
 class BnB4BitCodec(Codec):
-    """bitsandbytes 4-bit (NF4 or FP4), block-wise absmax, optional double quantization."""
+    """bitsandbytes 4-bit (NF4 or FP4), block-wise absmax, optional double quantization.
+
+    Encoding is bitsandbytes' ``quantize_4bit`` (the reference codec). Decoding is a table
+    lookup in torch (:func:`dequantize_4bit_into`): it writes the compute dtype straight into the
+    caller's slot and needs no bitsandbytes; tests check it against bitsandbytes' own
+    ``dequantize_4bit``.
+    """
 
     def __init__(self, quant_type: str) -> None:
         self.quant_type = quant_type
@@ -195,13 +340,22 @@ class BnB4BitCodec(Codec):
                           device=enc.parts["packed"].device)
         return self.decode_into(enc, out).to(dtype)
 
-    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
-        bnbf = _bnb_functional()
+    def _state(self, enc: EncodedTensor) -> dict[str, Any]:
+        """The non-tensor fields bitsandbytes serialized beside the parts (JSON in a uint8 part)."""
+        key = f"qs:quant_state.bitsandbytes__{self.quant_type}"
+        if key not in enc.parts:
+            raise ValueError(f"a {self.quant_type} record needs the part {key!r}; it holds {sorted(enc.parts)}")
+        state = json.loads(bytes(enc.parts[key].cpu().numpy()))
+        if state.get("quant_type") != self.quant_type:
+            raise ValueError(f"a {self.quant_type} record whose state says quant_type {state.get('quant_type')!r}")
+        return state
 
-        qs = {k[3:]: v for k, v in enc.parts.items() if k.startswith("qs:")}
-        state = bnbf.QuantState.from_dict(qs, device=enc.parts["packed"].device)
-        state.dtype = out.dtype  # dequantize straight to the caller's dtype (bnb's CPU backend has no out= variant)
-        return out.copy_(bnbf.dequantize_4bit(enc.parts["packed"], state).view(out.shape))
+    def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        state = self._state(enc)
+        scales = _bnb_4bit_scales(enc.parts, state)
+        dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        dequantize_4bit_into(enc.parts["packed"], enc.parts["qs:quant_map"], scales, int(state["blocksize"]), dst)
+        return out if dst is out else out.copy_(dst)
 
 
 class GroupIntCodec(Codec):

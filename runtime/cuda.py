@@ -12,8 +12,8 @@ How bytes move, per streamed layer:
    keeps them there) into a pinned staging buffer, at their stored, quantized size;
 2. a non-blocking copy on a side stream moves them into the GPU slot's record buffer;
 3. on the compute stream, after waiting for that copy's event, the codecs decode them into
-   the slot's compute-form buffers (dequantize-then-matmul; nf4/fp4 through bitsandbytes'
-   CUDA dequantize), and the layer runs.
+   the slot's compute-form buffers (dequantize-then-matmul; nf4/fp4 by the codec's table
+   lookup in torch, on the GPU), and the layer runs.
 
 The copy of the next layer overlaps this layer's compute (:class:`~runtime.copysched.LayerPipeline`).
 Embeddings, head and small tensors are resident on the GPU (decoded there from their records).

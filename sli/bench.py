@@ -2,8 +2,8 @@
 
 Every point runs in a fresh Python process, so its peak anonymous RSS (over a baseline
 taken after imports) belongs to it alone. Points: transformers in memory (fp32, the dtype
-sli computes in, and bf16), accelerate's disk offload at the same budget, AirLLM when it is
-installed, and sli at budgets of 100%, 50% and 25% of the bf16 model and at the minimum
+sli computes in, and bf16), accelerate's disk offload at the same budget (the peers that come
+with sli's dependencies), AirLLM when asked for, and sli at budgets of 100%, 50% and 25% of the bf16 model and at the minimum
 its planner accepts, in each mode. Results go to JSON and a markdown table, with ratios
 to each peer, and to a PNG plot of decode tokens/s against budget.
 
@@ -33,6 +33,17 @@ DEFAULT_PROMPT = "Explain in a few sentences why the sky looks blue during the d
 DEFAULT_MODES = ("none", "int8", "nf4", "int4")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25)
 
+# peer name -> (module it runs on, how to get it where it is missing)
+PEERS = {
+    "transformers": ("transformers", "it is one of sli's dependencies: pip install -e ."),
+    "transformers-bf16": ("transformers", "it is one of sli's dependencies: pip install -e ."),
+    "accelerate": ("accelerate", "it is one of sli's dependencies: pip install -e ."),
+    "airllm": ("airllm", "AirLLM is not one of sli's dependencies; install it beside sli in an environment of its own "
+               "(python -m venv ENV && ENV/bin/pip install -e '.[bench]' airllm) and run ENV/bin/sli bench"),
+}
+# the peers that come with sli's own dependencies; AirLLM runs when asked for (--peers ...,airllm)
+DEFAULT_PEERS = ("transformers", "transformers-bf16", "accelerate")
+
 
 @dataclass
 class BenchConfig:
@@ -44,7 +55,8 @@ class BenchConfig:
     modes: tuple[str, ...] = DEFAULT_MODES
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     with_minimum: bool = True
-    peers: tuple[str, ...] = ("transformers", "transformers-bf16", "accelerate", "airllm")
+    peers: tuple[str, ...] = DEFAULT_PEERS
+    plot: bool = True  # bench.png (needs matplotlib: pip install 'sli[bench]')
     offload_budget: str | None = None  # default: 25% of the bf16 model
     timeout_s: int = 900
     dtype: str = "bfloat16"  # sli's compute dtype (float32 is the exact-reference path)
@@ -148,7 +160,10 @@ def _import_everything(model: str) -> None:
     import gc
 
     import accelerate  # noqa: F401
-    import bitsandbytes  # noqa: F401
+
+    from cache.codecs import _bnb_functional
+
+    _bnb_functional()  # bitsandbytes, as the codecs import it (quietly)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -237,9 +252,41 @@ def _run_point(spec: dict[str, Any], timeout_s: int) -> tuple[dict[str, Any], st
     return run_worker("sli.bench", spec, timeout_s)
 
 
+def check_setup(cfg: BenchConfig) -> None:
+    """What the run needs, checked before it starts (a run takes minutes): every peer asked
+    for, and matplotlib for the plot.
+
+    Raises:
+        ValueError: an unknown peer.
+        ImportError: a peer or matplotlib is not installed; the message says how to get it.
+    """
+    import importlib.util
+
+    unknown = [p for p in cfg.peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(unknown)}; sli bench knows {', '.join(PEERS)} (or none)")
+    for peer in cfg.peers:
+        module, how = PEERS[peer]
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"peer {peer!r} is not installed in {sys.executable}: {how}; or leave it out of --peers "
+                              f"(the default peers: {','.join(DEFAULT_PEERS)})")
+    if cfg.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"sli bench draws bench.png with matplotlib, which is not installed ({e}): "
+                              "pip install 'sli[bench]' (make bench does), or pass --no-plot") from e
+
+
 def run_bench(cfg: BenchConfig, progress=None) -> list[Point]:
-    """Run every point; returns them (also written by :func:`write_outputs`)."""
+    """Run every point; returns them (also written by :func:`write_outputs`).
+
+    Raises:
+        ValueError, ImportError: what :func:`check_setup` finds, before anything runs.
+    """
     from sli.offline.sources import open_source
+
+    check_setup(cfg)
 
     src = open_source(cfg.model)
     bf16_bytes = sum(src.tensor_nbytes(n) for n in src.tensor_names())  # the source's own bytes (bf16 for the real model)
@@ -333,10 +380,8 @@ def write_outputs(points: list[Point], cfg: BenchConfig) -> dict[str, str]:
     (out / "bench.json").write_text(json.dumps(data, indent=2, default=str))
     (out / "bench.md").write_text(markdown_table(points))
     paths = {"json": str(out / "bench.json"), "markdown": str(out / "bench.md")}
-    try:
+    if cfg.plot:  # matplotlib was checked before the run (check_setup)
         paths["png"] = plot(points, out / "bench.png")
-    except ImportError as e:
-        raise ImportError(f"the plot needs matplotlib ({e}); install it with pip install 'sli[bench]'") from e
     return paths
 
 

@@ -84,6 +84,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget)
     proc.load()  # quantize if needed and open, before echoing the prompt
+    proc.prefix_session()  # the KV pool and its spill store: what they say comes before the prompt too
     out = GenerationOutput()
     pieces = proc.stream(
         a.prompt,
@@ -161,6 +162,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 gen.close()
                 print(" [stopped]", end="")
+            except (ValueError, RuntimeError, CacheError) as e:  # this turn failed; the history is as before it
+                print(f"[error: {e}]", end="")
             print(flush=True)
     finally:
         proc.close()
@@ -205,7 +208,7 @@ def cmd_bench_scale(a: argparse.Namespace) -> int:
         cfg.new_tokens = a.new_tokens_scale
     if a.prompt_tokens:
         cfg.prompt_tokens = a.prompt_tokens
-    if a.peers != "transformers,transformers-bf16,accelerate,airllm":
+    if a.peers is not None:
         cfg.peers = tuple(x for x in a.peers.split(",") if x)
     res = run_scale(cfg, progress=lambda m: print(f"[scale] {m}", file=sys.stderr, flush=True))
     paths = write_scale_outputs(res, cfg.out_dir)
@@ -226,9 +229,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         out_dir=a.out,
         new_tokens=a.new_tokens,
         modes=tuple(x for x in a.modes.split(",") if x),
-        peers=tuple(x for x in a.peers.split(",") if x),
         dtype=a.dtype,
+        plot=not a.no_plot,
     )
+    if a.peers is not None:  # "none": sli alone
+        cfg.peers = tuple(x for x in a.peers.split(",") if x and x != "none")
     if a.prompt:
         cfg.prompt = a.prompt
 
@@ -345,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
 
-    b = sub.add_parser("bench", help="sli against transformers, accelerate offload and AirLLM at several budgets")
+    b = sub.add_parser("bench", help="sli against transformers and accelerate offload (AirLLM when asked) at several budgets")
     b.add_argument("model", nargs="?", default="SmolLM2-135M-Instruct", help="model folder or the fetched test model's name")
     b.add_argument("--scale", choices=["8b", "1b"], default=None,
                    help="a random model in Llama-3.1-8B's (or 3.2-1B's) shapes: quantize, stream cold under a cgroup limit, beside accelerate and llama.cpp (see sli.bench_scale)")
@@ -359,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png (--scale: docs/results)")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--modes", default="none,int8,nf4,int4")
-    b.add_argument("--peers", default="transformers,transformers-bf16,accelerate,airllm")
+    b.add_argument("--peers", default=None,
+                   help="comma-separated: transformers, transformers-bf16, accelerate, airllm (not installed with sli), "
+                        "or none (default: transformers,transformers-bf16,accelerate; --scale: accelerate,llama.cpp)")
+    b.add_argument("--no-plot", action="store_true", help="no bench.png (the plot needs matplotlib: pip install 'sli[bench]')")
     b.add_argument("--prompt", default=None)
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="sli's compute dtype")
     b.set_defaults(func=cmd_bench)

@@ -296,13 +296,23 @@ class UniversalSLIProcessor:
         """The paged KV pool and its prefix index (created on first use by the KV module,
         sized by the budget plan)."""
         if self._prefix is None:
-            from cache.kvstore import KVSpillStore
+            from cache.kvstore import open_spill_store
             from runtime.kv import prefix_session_for
 
-            spill = KVSpillStore(self.cache_dir / "kv-spill", limit_bytes=self.spill_limit) if self.spill_limit else None
+            spill = None
+            if self.spill_limit:  # a read-only cache or a full disk spills elsewhere or not at all, and says so
+                spill = open_spill_store(self.cache_dir / "kv-spill", limit_bytes=self.spill_limit, fallback=self._spill_fallback())
             self._spill = spill
             self._prefix = prefix_session_for(self.load(), spill=spill)
         return self._prefix
+
+    def _spill_fallback(self) -> Path:
+        """Where KV spills when the cache directory cannot take them (read-only, full):
+        ``$SLI_HOME/kv-spill/<digest of the cache's path>``."""
+        import hashlib
+
+        digest = hashlib.sha256(os.path.realpath(self.cache_dir).encode()).hexdigest()[:16]
+        return sli_home() / "kv-spill" / digest
 
     def chat(self, system_prompt: str | None = None, messages: list[dict] | None = None) -> "ChatSession":
         """A chat session: keeps the history, applies the model's chat template, and reuses
