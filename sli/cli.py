@@ -79,24 +79,18 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from runtime.generate import GenerationOutput
+    from runtime.generate import GenerationOutput, SamplingConfig, check_stop
     from runtime.memory import format_size
 
-    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget)
+    options = dict(do_sample=a.temperature > 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,  # 0 = greedy
+                   repetition_penalty=a.repetition_penalty, seed=a.seed)
+    SamplingConfig(max_new_tokens=a.max_new_tokens, **options)  # the checks every entry point makes, before anything loads
+    check_stop(a.stop)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget,
+                      kv_dtype=a.kv_dtype)
     proc.load()  # quantize if needed and open, before echoing the prompt
     out = GenerationOutput()
-    pieces = proc.stream(
-        a.prompt,
-        max_new_tokens=a.max_new_tokens,
-        do_sample=a.temperature > 0,
-        temperature=a.temperature if a.temperature > 0 else 1.0,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        stop=a.stop,
-        out=out,
-    )
+    pieces = proc.stream(a.prompt, max_new_tokens=a.max_new_tokens, stop=a.stop, out=out, **options)
     print(a.prompt, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -117,7 +111,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     """Interactive chat: streams answers; /reset, /stats, /exit; Ctrl-C stops an answer."""
     from runtime.memory import format_size
 
-    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
     session = proc.chat(system_prompt=a.system)
     print(f"[{proc.load().plan.describe()}]", file=sys.stderr)
     print("sli chat: /reset clears the history, /stats shows the last answer's figures, /exit quits; Ctrl-C stops an answer.",
@@ -162,6 +156,34 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 gen.close()
                 print(" [stopped]", end="")
             print(flush=True)
+    finally:
+        proc.close()
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """An OpenAI-compatible server on loopback (unless --host says otherwise) until SIGTERM."""
+    import ipaddress
+
+    import starlette.applications  # noqa: F401 - imported before the baseline is taken
+    import uvicorn  # noqa: F401
+
+    from runtime.engine import EngineConfig
+    from runtime.memory import anon_rss_bytes
+    from sli.server import serve
+
+    base = anon_rss_bytes()  # after imports, before the model: what the budget is measured over
+    try:
+        loopback = ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = a.host == "localhost"
+    if not loopback and not a.api_key:
+        print(f"sli serve: warning: listening on {a.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    config = EngineConfig(max_running=a.max_running, max_waiting=a.max_waiting, step_tokens=a.step_tokens)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
+    try:
+        return serve(proc, host=a.host, port=a.port, api_key=a.api_key or None, model_name=a.served_model_name,
+                     engine_config=config, shutdown_timeout_s=a.shutdown_timeout, baseline_anon_bytes=base,
+                     ready=lambda url: print(f"sli serve: listening on {url}", file=sys.stderr, flush=True))
     finally:
         proc.close()
 
@@ -313,6 +335,13 @@ def _copy_plan_args(sub: argparse._SubParsersAction, p: argparse.ArgumentParser,
             p._add_action(action)
 
 
+def _add_kv_dtype(p: argparse.ArgumentParser) -> None:
+    from runtime.kv import KVDtype
+
+    p.add_argument("--kv-dtype", default=KVDtype.AUTO.value, choices=[k.value for k in KVDtype],
+                   help="KV blocks in the compute dtype (auto) or int8 with per-token, per-head scales (about twice the tokens per budget)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sli", description="layer-streaming inference runtime")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -343,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--context-tokens", type=int, default=None, help="tokens of KV to reserve (default: chosen by the planner)")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--system", default=None, help="system prompt")
+    _add_kv_dtype(c)
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="sli against transformers, accelerate offload and AirLLM at several budgets")
@@ -381,8 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: compute on the GPU, layers streamed within --gpu-budget (GPU) and --memory-budget (host)")
     g.add_argument("--gpu-budget", default=None, help="GPU memory for --device cuda, e.g. 4GB")
+    _add_kv_dtype(g)
     _copy_plan_args(sub, g, with_cache=True)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, continuous batching under a memory budget")
+    s.add_argument("model", help="model folder, .gguf, SmolLM2-135M-Instruct, or a cache directory")
+    _copy_plan_args(sub, s, with_cache=True)
+    s.add_argument("--memory-budget", default=None, help="e.g. 2GB, or auto (default: hold everything)")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="compute dtype (default float32, or the plan's --compute-dtype)")
+    s.add_argument("--context-tokens", type=int, default=None, help="tokens of KV the budget reserves for all requests together")
+    _add_kv_dtype(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the model folder's name)")
+    s.add_argument("--max-running", type=int, default=None, help="most sequences in the batch (default: what the KV blocks allow)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait; beyond, 503 with Retry-After")
+    s.add_argument("--step-tokens", type=int, default=None, help="tokens a step computes while prompts prefill (default: the prefill chunk)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
+    s.set_defaults(func=cmd_serve)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
     i.add_argument("cache", type=Path)
     i.add_argument("--variant", default=None, help="variant id (or prefix)")
