@@ -164,14 +164,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     """An OpenAI-compatible server on loopback (unless --host says otherwise) until SIGTERM."""
     import ipaddress
 
-    import starlette.applications  # noqa: F401 - imported before the baseline is taken
-    import uvicorn  # noqa: F401
-
     from runtime.engine import EngineConfig
-    from runtime.memory import anon_rss_bytes
     from sli.server import serve
 
-    base = anon_rss_bytes()  # after imports, before the model: what the budget is measured over
     try:
         loopback = ipaddress.ip_address(a.host).is_loopback
     except ValueError:
@@ -182,7 +177,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
     try:
         return serve(proc, host=a.host, port=a.port, api_key=a.api_key or None, model_name=a.served_model_name,
-                     engine_config=config, shutdown_timeout_s=a.shutdown_timeout, baseline_anon_bytes=base,
+                     engine_config=config, shutdown_timeout_s=a.shutdown_timeout,
                      ready=lambda url: print(f"sli serve: listening on {url}", file=sys.stderr, flush=True))
     finally:
         proc.close()

@@ -299,6 +299,57 @@ def _uvicorn_server(app, host: str, port: int, shutdown_timeout_s: float, on_sig
     return _Server(config)
 
 
+def import_baseline(processor) -> int:
+    """Anonymous memory after importing everything serving runs (transformers imports a model's
+    modules lazily, on first use), before anything is loaded: what the budget is measured over,
+    as ``sli bench`` measures it."""
+    import gc
+
+    import accelerate  # noqa: F401
+    import starlette.applications  # noqa: F401
+    import uvicorn  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from runtime.executor import config_from_manifest
+    from runtime.memory import release_free_memory
+
+    if processor.cache_only:
+        from cache.store import LayerStore
+
+        with LayerStore(processor.cache_dir, readonly=True) as st:
+            config = config_from_manifest(st.require_manifest(processor.variant_id))
+    else:
+        config = processor.source.config
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the modeling module
+    gc.collect()
+    release_free_memory()
+    return anon_rss_bytes()
+
+
+def quantize_apart(processor) -> None:
+    """Build the processor's variant in a child process when the cache lacks it, so the memory
+    quantizing takes is never part of the server's.
+
+    Raises:
+        RuntimeError: the child failed (its error is in the log above).
+    """
+    import multiprocessing
+
+    if processor.cache_only or processor._variant_complete():
+        return
+    logger.info("quantizing %s first (in a child process)", processor.model_path)
+    child = multiprocessing.get_context("fork").Process(target=_quantize_child, args=(processor,), name="sli-quantize")
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"quantizing {processor.model_path} failed (exit status {child.exitcode}); see the error above")
+
+
+def _quantize_child(processor) -> None:
+    processor.quantize()
+
+
 def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None, model_name: str | None = None,
           engine_config=None, shutdown_timeout_s: float = 30.0, baseline_anon_bytes: int | None = None,
           ready: Callable[[str], None] | None = None) -> int:
@@ -306,7 +357,8 @@ def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | N
 
     Returns 0 after a graceful stop. ``ready`` is called with the URL once the socket listens.
     """
-    base = baseline_anon_bytes if baseline_anon_bytes is not None else anon_rss_bytes()
+    base = baseline_anon_bytes if baseline_anon_bytes is not None else import_baseline(processor)
+    quantize_apart(processor)
     model = processor.load()
     engine = processor.engine(engine_config)
     name = model_name or processor.model_path.name
