@@ -62,13 +62,20 @@ class EngineConfig:
         max_waiting: the waiting queue's bound; beyond it a request is refused (:class:`QueueFullError`).
         step_tokens: tokens one step computes while prompts are being prefilled (default: the
             model's prefill chunk, which the budget sized the activations for).
+        itl_factor: while sequences decode, a step computes no more tokens than keep its time
+            within this factor of a one-token step (the step time is fitted as ``a + b * tokens``
+            over recent steps), so prompts joining the batch never stall the running streams for
+            long; None: always ``step_tokens``.
     """
 
     max_running: int | None = None
     max_waiting: int = 64
     step_tokens: int | None = None
+    itl_factor: float | None = 2.0
 
     def __post_init__(self) -> None:
+        if self.itl_factor is not None and not self.itl_factor > 1:
+            raise ValueError(f"itl_factor must be > 1 (or None), got {self.itl_factor}")
         for name in ("max_running", "step_tokens"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -137,6 +144,37 @@ class EngineStats:
         return dict(self.__dict__)
 
 
+class StepCost:
+    """A step's time as ``a + b * tokens``, fitted by least squares over recent steps (each older
+    step weighs ``decay`` times less)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.s = [0.0] * 5  # sums of w, w*t, w*y, w*t*t, w*t*y
+
+    def add(self, tokens: int, seconds: float) -> None:
+        t, y = float(tokens), seconds
+        self.s = [self.decay * v + d for v, d in zip(self.s, (1.0, t, y, t * t, t * y))]
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b), or None until steps of different sizes have been seen."""
+        w, st, sy, stt, sty = self.s
+        den = w * stt - st * st
+        if w <= 0 or den <= 1e-9 * max(w * stt, 1e-30):
+            return None
+        b = (w * sty - st * sy) / den
+        a = (sy - b * st) / w
+        return (a, b) if b > 0 and a >= 0 else None
+
+    def tokens_within(self, factor: float) -> int | None:
+        """Most tokens a step may compute to take at most ``factor`` times a one-token step."""
+        ab = self.fit()
+        if ab is None:
+            return None
+        a, b = ab
+        return max(1, int((factor * (a + b) - a) / b))
+
+
 @dataclass
 class _Live:
     req: EngineRequest
@@ -167,6 +205,7 @@ class EngineCore:
         self.kv_tokens = self.pool.num_blocks * self.pool.block_size
         self.live: dict[str, _Live] = {}
         self.stats = EngineStats()
+        self.cost = StepCost()
         self.vocab = model.config.vocab_size
 
     # -- requests ----------------------------------------------------------------------------
@@ -240,7 +279,8 @@ class EngineCore:
     # -- a step ------------------------------------------------------------------------------
     def step(self) -> int:
         """Run one batched step; returns the tokens it computed (0: nothing to do)."""
-        work = self.sched.schedule()
+        cap = self.cost.tokens_within(self.config.itl_factor) if self.config.itl_factor else None
+        work = self.sched.schedule(cap)
         if not work:
             return 0
         t0 = time.perf_counter()
@@ -278,6 +318,7 @@ class EngineCore:
                 logger.exception("request %s failed after its step", lv.req.request_id)
                 self._finish(lv, RequestOutput(lv.req.request_id), "error", error=f"{type(e).__name__}: {e}")
         dt = time.perf_counter() - t0
+        self.cost.add(t, dt)
         st = self.stats
         st.steps += 1
         st.step_seconds = dt if st.steps == 1 else 0.8 * st.step_seconds + 0.2 * dt

@@ -5,7 +5,9 @@ never touches the model. Each step it picks, in this order:
 
 1. one token for every running sequence that is decoding;
 2. chunks of the prompts of running sequences still prefilling, up to the step's token budget
-   (at least one block's worth, so joining requests always make progress);
+   (the engine caps a step with decoding sequences so their inter-token latency stays within a
+   factor of a one-token step; a prefill chunk gets at least a few tokens, so joining requests
+   always make progress);
 3. new sequences from the head of the waiting queue (first come, first served) while the
    pool has free blocks for their prompt; a prompt's longest prefix of full blocks already
    in the pool (or spilled to disk) is reused, and a request whose next block another running
@@ -30,6 +32,8 @@ from runtime.kv import Block, PoolExhaustedError, PrefixCachingSession, chain_ha
 from runtime.kvbatch import SeqSlice
 
 logger = logging.getLogger(__name__)
+
+MIN_PREFILL = 4  # prompt tokens a step computes beside decoding sequences, however tight their latency
 
 
 @dataclass
@@ -140,14 +144,20 @@ class Scheduler:
         logger.info("KV pool full: request %s preempted (%d tokens to recompute)", seq.request_id, len(seq.tokens))
 
     # -- a step ----------------------------------------------------------------------------
-    def schedule(self) -> list[Work]:
-        """The next step's work (empty when there is nothing to do)."""
+    def schedule(self, cap: int | None = None) -> list[Work]:
+        """The next step's work (empty when there is nothing to do). ``cap``: most tokens for a
+        step in which sequences decode (their inter-token latency); prefill chunks get what the
+        decode tokens leave of it, and at least :data:`MIN_PREFILL` tokens, so joining requests
+        still progress. Without decoding sequences (or a cap) a step computes ``step_tokens``."""
         work: list[Work] = []
         decoding = [s for s in self.running if s.remaining == 1]
         for seq in decoding:
             if seq in self.running and self._reserve(seq, seq.computed + 1, work):
                 work.append(Work.of(seq, 1))
-        budget = max(self.step_tokens - len(work), self.bs)
+        if work and cap is not None:
+            budget = max(min(cap, self.step_tokens) - len(work), MIN_PREFILL)
+        else:
+            budget = max(self.step_tokens - len(work), self.bs)
         for seq in [s for s in self.running if s.remaining > 1]:
             if budget <= 0:
                 break

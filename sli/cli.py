@@ -173,7 +173,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         loopback = a.host == "localhost"
     if not loopback and not a.api_key:
         print(f"sli serve: warning: listening on {a.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    config = EngineConfig(max_running=a.max_running, max_waiting=a.max_waiting, step_tokens=a.step_tokens)
+    config = EngineConfig(max_running=a.max_running, max_waiting=a.max_waiting, step_tokens=a.step_tokens,
+                          itl_factor=a.itl_factor or None)
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
     try:
         return serve(proc, host=a.host, port=a.port, api_key=a.api_key or None, model_name=a.served_model_name,
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-running", type=int, default=None, help="most sequences in the batch (default: what the KV blocks allow)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait; beyond, 503 with Retry-After")
     s.add_argument("--step-tokens", type=int, default=None, help="tokens a step computes while prompts prefill (default: the prefill chunk)")
+    s.add_argument("--itl-factor", type=float, default=2.0,
+                   help="while streams decode, keep each step within this factor of a one-token step (0: off)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
     s.set_defaults(func=cmd_serve)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")

@@ -296,3 +296,28 @@ def test_the_processor_and_the_cli_use_the_same_checks(tiny, tmp_path, tiny_root
                          "--prompt", "word5 word6", "--temperature", "-1"], capture_output=True, text=True, timeout=300)
     assert cp.returncode == 2 and "temperature must be >= 0 (0 = greedy), got -1.0" in cp.stderr
     assert not (tmp_path / "cli").exists()  # refused before anything was quantized
+
+
+def test_step_cost_fits_the_step_time_and_caps_steps_with_decoding_sequences():
+    from runtime.engine import StepCost
+
+    c = StepCost(decay=1.0)
+    assert c.fit() is None
+    for t in (1, 4, 16, 64, 16):
+        c.add(t, 2.0 + 0.1 * t)
+    a, b = c.fit()
+    assert a == pytest.approx(2.0) and b == pytest.approx(0.1)
+    assert c.tokens_within(2.0) == 22  # 2 + 0.1 * 22 <= 2 * (2 + 0.1)
+    pool = BlockPool(16, num_layers=1, kv_heads=1, head_dim=2, block_size=4)
+    s = Scheduler(PrefixCachingSession(pool, salt="m", num_layers=1), max_running=8, step_tokens=32)
+    d = SeqState("d", list(range(4)), 4, 8)
+    s.add(d)
+    s.advance(s.schedule())  # d's prompt
+    d.tokens.append(9)  # its first new token: d decodes from now on
+    s.add(SeqState("p", list(range(40, 70)), 30, 4))
+    w = s.schedule(cap=8)
+    assert [(x.seq.request_id, x.n) for x in w] == [("d", 1), ("p", 7)]  # the cap holds while d decodes
+    s.advance(w)
+    d.tokens.append(10)
+    w = s.schedule(cap=3)
+    assert [(x.seq.request_id, x.n) for x in w] == [("d", 1), ("p", 4)]  # however tight, a prompt gets a few tokens
