@@ -34,6 +34,7 @@ from runtime.detok import TextStream
 from runtime.generate import Chooser, InvalidRequestError, SamplingConfig, check_context, context_limit
 from runtime.kv import PrefixCachingSession, kv_token_bytes
 from runtime.kvbatch import forward_step, step_layout
+from runtime.memory import release_free_memory
 from runtime.scheduler import Scheduler, SeqState, Work
 
 logger = logging.getLogger(__name__)
@@ -66,17 +67,21 @@ class EngineConfig:
             within this factor of a one-token step (the step time is fitted as ``a + b * tokens``
             over recent steps), so prompts joining the batch never stall the running streams for
             long; None: always ``step_tokens``.
+        logits_chunk: most prompt tokens a step computes for a request that wants the logprobs
+            of its prompt (echo): each is a vocabulary-sized row of logits, which the budget's
+            activations (sized for one row per sequence) do not hold many of.
     """
 
     max_running: int | None = None
     max_waiting: int = 64
     step_tokens: int | None = None
     itl_factor: float | None = 2.0
+    logits_chunk: int = 32
 
     def __post_init__(self) -> None:
         if self.itl_factor is not None and not self.itl_factor > 1:
             raise ValueError(f"itl_factor must be > 1 (or None), got {self.itl_factor}")
-        for name in ("max_running", "step_tokens"):
+        for name in ("max_running", "step_tokens", "logits_chunk"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -201,7 +206,8 @@ class EngineCore:
         self.pool = session.pool
         self.config = config
         self.max_running = config.max_running or self.pool.num_blocks
-        self.sched = Scheduler(session, max_running=self.max_running, step_tokens=config.step_tokens or model.prefill_chunk)
+        self.sched = Scheduler(session, max_running=self.max_running, step_tokens=config.step_tokens or model.prefill_chunk,
+                               logits_chunk=config.logits_chunk)
         self.kv_tokens = self.pool.num_blocks * self.pool.block_size
         self.live: dict[str, _Live] = {}
         self.stats = EngineStats()
@@ -257,7 +263,8 @@ class EngineCore:
                 self.live.pop(lv.req.request_id, None)
                 self._send(lv, RequestOutput(lv.req.request_id, finish_reason="error", error=message))
         if not self.live and self.sched.has_work:
-            self.sched = Scheduler(self.session, max_running=self.max_running, step_tokens=self.sched.step_tokens)
+            self.sched = Scheduler(self.session, max_running=self.max_running, step_tokens=self.sched.step_tokens,
+                                   logits_chunk=self.config.logits_chunk)
 
     @property
     def has_work(self) -> bool:
@@ -482,6 +489,9 @@ class Engine:
             if stop:
                 self._abort_all()
                 return
+            if not core.has_work:
+                release_free_memory()  # idle: hand the heap's free pages back
+                continue
             try:
                 core.step()
             except Exception:  # a bug in the loop itself: end what it holds, keep serving

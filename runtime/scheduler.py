@@ -92,14 +92,16 @@ class Scheduler:
         max_running: most sequences in the batch.
         step_tokens: tokens a step computes when sequences are prefilling (decode tokens count
             against it; a prefill chunk gets at least one block's worth).
+        logits_chunk: most prompt tokens a step computes for a sequence that needs every prompt
+            position's logits (echo with logprobs): each is a vocabulary-sized row.
     """
 
-    def __init__(self, session: PrefixCachingSession, *, max_running: int, step_tokens: int) -> None:
-        if max_running < 1 or step_tokens < 1:
-            raise ValueError(f"max_running and step_tokens must be >= 1, got {max_running} and {step_tokens}")
+    def __init__(self, session: PrefixCachingSession, *, max_running: int, step_tokens: int, logits_chunk: int = 32) -> None:
+        if min(max_running, step_tokens, logits_chunk) < 1:
+            raise ValueError(f"max_running, step_tokens and logits_chunk must be >= 1, got {max_running}, {step_tokens}, {logits_chunk}")
         self.session, self.pool = session, session.pool
         self.bs = self.pool.block_size
-        self.max_running, self.step_tokens = max_running, step_tokens
+        self.max_running, self.step_tokens, self.logits_chunk = max_running, step_tokens, logits_chunk
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.preemptions = 0
@@ -161,7 +163,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.remaining > 1]:
             if budget <= 0:
                 break
-            n = min(seq.remaining, budget)
+            n = min(seq.remaining, budget, self.logits_chunk if seq.needs_prompt_logits else budget)
             if seq in self.running and self._reserve(seq, seq.computed + n, work):
                 work.append(Work.of(seq, n))
                 budget -= n
@@ -169,7 +171,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._admit(seq):
                 break
-            n = min(seq.remaining, budget)
+            n = min(seq.remaining, budget, self.logits_chunk if seq.needs_prompt_logits else budget)
             if not self._reserve(seq, seq.computed + n, work):
                 break
             work.append(Work.of(seq, n))

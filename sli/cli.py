@@ -231,12 +231,38 @@ def cmd_bench_scale(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from sli.bench_serve import ServeBenchConfig, run_serve_bench, write_serve_outputs
+
+    cfg = ServeBenchConfig(out_dir=a.out if a.out != "bench-results" else "docs/results", cold=not a.warm)
+    if a.shapes:
+        cfg.shapes = tuple(x for x in a.shapes.split(",") if x)
+    if a.clients:
+        cfg.clients = tuple(int(x) for x in a.clients.split(","))
+    if a.budgets:
+        cfg.budgets.update(dict(kv.split("=", 1) for kv in a.budgets.split(",")))
+    if a.requests_per_client:
+        cfg.requests_per_client = a.requests_per_client
+    if a.prompt_tokens:
+        cfg.prompt_tokens = a.prompt_tokens
+    if a.new_tokens_scale:
+        cfg.new_tokens = a.new_tokens_scale
+    if a.llama_server:
+        cfg.llama_server = a.llama_server
+    res = run_serve_bench(cfg, progress=lambda m: print(f"[serve] {m}", file=sys.stderr, flush=True))
+    paths = write_serve_outputs(res, cfg.out_dir)
+    print(open(paths["md"]).read())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.offline.fetch import resolve_model, sli_home
 
     if a.scale:
         return cmd_bench_scale(a)
+    if a.serve:
+        return cmd_bench_serve(a)
 
     cfg = BenchConfig(
         model=str(resolve_model(a.model)),
@@ -377,10 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a random model in Llama-3.1-8B's (or 3.2-1B's) shapes: quantize, stream cold under a cgroup limit, beside accelerate and llama.cpp (see sli.bench_scale)")
     b.add_argument("--workdir", default=None, help="--scale: where the model, caches and GGUF go (default $SLI_HOME/scale-<shape>)")
     b.add_argument("--llama-convert", default=None, help="--scale: llama.cpp's convert_hf_to_gguf.py, to make its Q4_0")
-    b.add_argument("--budgets", default=None, help="--scale: comma-separated budgets (default 1GB,2GB,4GB)")
+    b.add_argument("--budgets", default=None,
+                   help="--scale: comma-separated budgets (default 1GB,2GB,4GB); --serve: shape=budget pairs (default 1b=400MB,8b=2GB)")
     b.add_argument("--new-tokens-scale", type=int, default=None, help="--scale: tokens decoded per point (default 8)")
     b.add_argument("--prompt-tokens", type=int, default=None, help="--scale: prompt length for the prefill (default 512)")
     b.add_argument("--keep", action="store_true", help="--scale: keep what the run made")
+    b.add_argument("--serve", action="store_true",
+                   help="sli serve under 1/4/16 concurrent clients beside llama-server, cold in a cgroup (see sli.bench_serve)")
+    b.add_argument("--shapes", default=None, help="--serve: models, comma-separated: 1b, 8b (the scale models), real (default 1b,8b)")
+    b.add_argument("--clients", default=None, help="--serve: concurrent clients, comma-separated (default 1,4,16)")
+    b.add_argument("--requests-per-client", type=int, default=None, help="--serve: requests each client sends (default 2)")
+    b.add_argument("--llama-server", default=None, help="--serve: llama.cpp's llama-server binary")
+    b.add_argument("--warm", action="store_true", help="--serve: no cgroup limit, page cache left as it is")
     b.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
     b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png (--scale: docs/results)")
     b.add_argument("--new-tokens", type=int, default=64)

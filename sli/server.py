@@ -327,6 +327,42 @@ def import_baseline(processor) -> int:
     return anon_rss_bytes()
 
 
+def _budget_bytes(budget, model) -> int:
+    from runtime.memory import parse_size
+
+    return parse_size(budget) if isinstance(budget, (int, str)) and str(budget).strip().lower() != "auto" else model.plan.budget_bytes
+
+
+def tokenizer_within_budget(processor):
+    """Load the tokenizer before the model and take what it holds (a fast tokenizer's vocabulary
+    and merges: about 16 MB for SmolLM2's) out of the model's budget, so the server as a whole
+    keeps to ``--memory-budget``. Returns (tokenizer, bytes it took)."""
+    import gc
+
+    from cache.store import LayerStore
+    from runtime.memory import format_size, parse_size, release_free_memory
+    from runtime.tokenizer import load_tokenizer
+
+    def settled() -> int:  # what is held, not what was freed and not yet given back
+        gc.collect()
+        release_free_memory()
+        return anon_rss_bytes()
+
+    before = settled()
+    with LayerStore(processor.cache_dir, readonly=True) as st:
+        tok = load_tokenizer(st, st.require_manifest(processor.variant_id))
+    held = max(0, settled() - before)
+    budget = processor.memory_budget
+    if isinstance(budget, (int, str)) and str(budget).strip().lower() != "auto":
+        rest = parse_size(budget) - held
+        if rest <= 0:
+            raise ValueError(f"the tokenizer alone holds {format_size(held)}, the whole budget of {format_size(parse_size(budget))}; "
+                             "raise --memory-budget")
+        logger.info("the tokenizer holds %s: the model plans within the remaining %s", format_size(held), format_size(rest))
+        processor.memory_budget = rest
+    return tok, held
+
+
 def quantize_apart(processor) -> None:
     """Build the processor's variant in a child process when the cache lacks it, so the memory
     quantizing takes is never part of the server's.
@@ -357,16 +393,20 @@ def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | N
 
     Returns 0 after a graceful stop. ``ready`` is called with the URL once the socket listens.
     """
+    from runtime.engine import EngineConfig, EngineCore
+
     base = baseline_anon_bytes if baseline_anon_bytes is not None else import_baseline(processor)
     quantize_apart(processor)
+    budget = processor.memory_budget
+    tok, held = tokenizer_within_budget(processor)
     model = processor.load()
-    engine = processor.engine(engine_config)
+    engine = Engine(EngineCore(model, tok, processor.prefix_session(), engine_config or EngineConfig()))
     name = model_name or processor.model_path.name
-    tok = processor.tokenizer
     eos = tok.eos_token_id
     state = ServerState(engine=engine, tokenizer=tok, model_name=name, api_key=api_key,
                         stop_ids=tuple([eos] if isinstance(eos, int) else (eos or [])), created=int(time.time()),
-                        info={"memory": {"baseline_anon_bytes": base, "budget_bytes": model.plan.budget_bytes}})
+                        info={"memory": {"baseline_anon_bytes": base, "budget_bytes": _budget_bytes(budget, model),
+                                         "tokenizer_bytes": held, "model_plan_bytes": model.plan.budget_bytes}})
     engine.start()
 
     def on_signal() -> None:

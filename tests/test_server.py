@@ -314,3 +314,33 @@ def test_load_64_requests_16_at_a_time_all_complete_equal_alone_inside_the_budge
     print(f"load test: {time.monotonic() - t0:.1f} s; peak anonymous memory {over / 1e6:.0f} MB over the import baseline "
           f"(budget {BUDGET}); max batch {h['engine']['max_batch']}")
     assert over <= parse_size(BUDGET), f"peak {over / 1e6:.0f} MB over the baseline, budget {BUDGET}"
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_lm_eval_scores_through_the_server_as_its_hf_model_does(real_model, tmp_path):
+    """The real lm-eval package (its own environment) scores a local multiple-choice task through
+    the server's /v1/completions (echo + logprobs); every choice's log-likelihood equals what
+    lm-eval's hf model computes with transformers in memory (mode none, fp32)."""
+    import importlib.util
+
+    from sli.offline.fetch import sli_home
+
+    exe = sli_home() / "peers" / "venv-bench" / "bin" / "lm_eval"
+    task = Path(__file__).resolve().parent.parent / "scripts" / "peers" / "lmeval_task"
+    if not exe.exists() or not task.is_dir():
+        pytest.skip(f"needs lm-eval at {exe} and the task at {task} (scripts/setup_peers.sh)")
+    spec = importlib.util.spec_from_file_location("measure_lmeval_serve", task.parent.parent / "measure_lmeval_serve.py")
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    ref, ref_ll = m.lm_eval(str(exe), ["--model", "hf", "--model_args", f"pretrained={real_model},dtype=float32", "--device", "cpu"],
+                            str(task), "sli_mc", tmp_path / "hf")
+    s = Server([str(real_model), "--mode", "none", "--dtype", "float32", "--cache", str(tmp_path / "c"), "--served-model-name", "m"])
+    try:
+        args = f"model=m,base_url={s.url}/v1/completions,tokenizer={real_model},tokenizer_backend=huggingface,num_concurrent=4"
+        got, ll = m.lm_eval(str(exe), ["--model", "local-completions", "--model_args", args], str(task), "sli_mc", tmp_path / "serve")
+    finally:
+        assert s.stop() == 0
+    assert ll.keys() == ref_ll.keys() and len(ll) == 20
+    assert max(abs(x - y) for d in ll for x, y in zip(ll[d], ref_ll[d])) < 1e-3
+    assert got["acc,none"] == ref["acc,none"] and got["acc_norm,none"] == ref["acc_norm,none"]
