@@ -157,16 +157,17 @@ def test_errors_are_openai_errors_and_never_stop_the_engine(tiny_server):
 def test_a_full_queue_answers_503_with_retry_after(tiny_server):
     s = tiny_server
     _idle(s)
-    streams = [_long_stream(s, 200) for _ in range(3)]  # two run (max-running 2), one waits (max-waiting 1)
-    firsts = [next(iter(x)) for x in streams[:2]]
-    deadline = time.monotonic() + 30
-    while s.get("/health")["waiting"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    streams = []
+    for want in ({"running": 1}, {"running": 2}, {"running": 2, "waiting": 1}):  # max-running 2, max-waiting 1
+        streams.append(_long_stream(s, 200))
+        deadline = time.monotonic() + 30
+        while any(s.get("/health")[k] != v for k, v in want.items()):
+            assert time.monotonic() < deadline, s.get("/health")
+            time.sleep(0.02)
     code, err, headers = s.post("/v1/completions", {"model": "tiny", "prompt": "word5", "max_tokens": 2})
     assert code == 503 and err["error"]["code"] == "queue_full" and int(headers["Retry-After"]) >= 1
     for x in streams:
         x.close()
-    assert firsts
 
 
 def test_a_client_that_goes_away_frees_its_blocks_within_a_step(tiny_server):
