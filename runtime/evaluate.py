@@ -68,6 +68,53 @@ def perplexity(model: StreamingModel, input_ids: torch.Tensor, *, max_length: in
     return PerplexityResult(math.exp(nll / scored), scored, nll, windows)
 
 
+@torch.inference_mode()
+def paged_perplexity(model: StreamingModel, input_ids: torch.Tensor, pool, *, max_length: int = 512,
+                     stride: int | None = None) -> PerplexityResult:
+    """Sliding-window perplexity as :func:`perplexity`, with every window's KV going through the
+    paged ``pool`` (:class:`runtime.kv.BlockPool`) in prefill chunks: attention reads the KV as
+    the pool stores it (int8 blocks quantized and dequantized, as decoding sees them).
+
+    Raises:
+        ValueError: fewer than two tokens, a bad window, or a window longer than the pool.
+    """
+    from runtime.kvbatch import SeqSlice, forward_step, step_layout
+
+    ids = input_ids.reshape(-1)
+    n = ids.numel()
+    stride = stride or max_length // 2
+    if n < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
+    if not 0 < stride <= max_length or max_length > pool.num_blocks * pool.block_size:
+        raise ValueError(f"stride must be in 1..max_length ({max_length}) and max_length at most the pool's "
+                         f"{pool.num_blocks * pool.block_size} tokens")
+    nll, scored, windows, prev_end = 0.0, 0, 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        window = ids[begin:end]
+        first = end - (end - prev_end if begin else end - 1)  # positions first .. end-2 predict tokens first+1 .. end-1
+        blocks = [pool.allocate() for _ in range(-(-len(window) // pool.block_size))]
+        try:
+            for s in range(0, len(window), model.prefill_chunk):
+                e = min(len(window), s + model.prefill_chunk)
+                layout = step_layout(pool, [SeqSlice(blocks, s, e - s)], model.dtype)
+                lo, hi = max(s, first - begin - 1), min(e, len(window) - 1)  # positions that predict scored tokens
+                if lo >= hi:  # nothing to score in this chunk; its KV is still written
+                    forward_step(model, pool, layout, window[s:e], torch.tensor([e - s - 1]))
+                    continue
+                logits = forward_step(model, pool, layout, window[s:e], torch.arange(lo - s, hi - s))
+                nll += float(F.cross_entropy(logits, window[lo + 1 : hi + 1], reduction="sum"))
+                scored += hi - lo
+        finally:
+            for b in blocks:
+                pool.release(b)
+        windows += 1
+        prev_end = end
+        if end == n:
+            break
+    return PerplexityResult(math.exp(nll / scored), scored, nll, windows)
+
+
 _REFERENCE_TOKENS: dict = {}
 
 

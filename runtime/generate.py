@@ -7,6 +7,7 @@ top-k, top-p); greedy decoding is the default.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,9 +18,40 @@ from runtime.executor import StreamingModel
 from runtime.memory import PeakMemorySampler
 
 
+class InvalidRequestError(ValueError):
+    """A caller's parameter is out of range or of the wrong type. ``param`` names it (the
+    server's error body carries it), ``code`` is a machine-readable kind."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt plus the tokens asked for do not fit the context (the model's, or the KV the budget reserved)."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+        super().__init__(message, param="max_tokens" if prompt_tokens < limit else "prompt", code="context_length_exceeded")
+        self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
+
+
+def _number(name: str, v, *, integer: bool = False) -> None:
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool):
+        raise InvalidRequestError(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r}", param=name)
+    if not integer and not math.isfinite(v):
+        raise InvalidRequestError(f"{name} must be finite, got {v!r}", param=name)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is chosen. ``do_sample=False`` is greedy and ignores the rest."""
+    """How the next token is chosen. ``do_sample=False`` is greedy and ignores the rest (which
+    is still checked). Every entry point (``generate``, ``stream``, the CLI, the server) builds
+    one of these, so the same checks guard them all.
+
+    Raises:
+        InvalidRequestError: a field out of range or of the wrong type, naming it and its allowed range.
+    """
 
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -31,14 +63,50 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        _number("max_new_tokens", self.max_new_tokens, integer=True)
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise InvalidRequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}", param="max_tokens")
+        _number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}", param="temperature")
+        if self.do_sample and self.temperature == 0:
+            raise InvalidRequestError("temperature must be > 0 when sampling (0 = greedy: do_sample=False)", param="temperature")
+        _number("top_k", self.top_k, integer=True)
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}", param="top_k")
+        _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        _number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
+        if self.seed is not None:
+            _number("seed", self.seed, integer=True)
+            if not 0 <= self.seed < 2**63:
+                raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}", param="seed")
+
+    @classmethod
+    def create(cls, *, max_new_tokens: int, temperature: float = 0.0, **kwargs) -> "SamplingConfig":
+        """The OpenAI convention: ``temperature`` 0 is greedy, above 0 samples at that temperature."""
+        _number("temperature", temperature)
+        return cls(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, **kwargs)
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """Stop strings as a tuple: ``None``, a string, or a list of non-empty strings.
+
+    Raises:
+        InvalidRequestError: anything else.
+    """
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {stop!r}", param="stop")
+    if any(not s for s in stop):
+        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    return tuple(stop)
 
 
 @dataclass(frozen=True)
@@ -92,7 +160,9 @@ class GenerationResult:
     batch_token_ids: list[list[int]] = field(default_factory=list)
 
 
-class _Chooser:
+class Chooser:
+    """Picks the next token of each row from its logits: transformers' own processors, then argmax or a draw."""
+
     def __init__(self, cfg: SamplingConfig) -> None:
         from transformers import (
             LogitsProcessorList,
@@ -161,32 +231,49 @@ def decode_step(model: StreamingModel, token: torch.Tensor, cache, attention_mas
     return out.logits[:, -1, :], out.cache
 
 
-def check_context(model: StreamingModel, batch: int, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a request longer than the model's context or than the KV the budget reserved.
+def context_limit(model: StreamingModel, kv_tokens: int | None = None) -> int:
+    """Tokens one sequence may hold: the model's context, and at most the KV reserved (``kv_tokens``,
+    default the budget's ``model.context_tokens``)."""
+    kv = model.context_tokens if kv_tokens is None else kv_tokens
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    return min(kv, ctx) if ctx else kv
+
+
+def check_context(model: StreamingModel, batch: int, prompt_tokens: int, max_new_tokens: int, *, kv_tokens: int | None = None,
+                  kv_token_bytes: int | None = None) -> None:
+    """Refuse a request longer than the model's context or than the KV the budget reserved
+    (``kv_tokens``, default ``model.context_tokens``; ``kv_token_bytes``: what a token of it takes).
 
     Raises:
-        ValueError: with the numbers and the fix.
+        InvalidRequestError: an empty prompt.
+        ContextLengthError: with the numbers and the fix.
     """
     if prompt_tokens == 0:
-        raise ValueError("the prompt is empty")
+        raise InvalidRequestError("the prompt is empty", param="prompt")
     need = prompt_tokens + max_new_tokens
     ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and need > ctx:
-        raise ValueError(
-            f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of {ctx}; "
-            "shorten the prompt or ask for fewer tokens"
-        )
-    if batch * need > model.context_tokens:
+    kv = model.context_tokens if kv_tokens is None else kv_tokens
+    model_error = ContextLengthError(
+        f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of {ctx}; "
+        "shorten the prompt or ask for fewer tokens",
+        prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, limit=ctx or 0,
+    )
+    if ctx is not None and need > ctx and ctx <= kv // batch:  # the tighter of the two limits is the one said
+        raise model_error
+    if batch * need > kv:
         from runtime.budget import kv_bytes_per_token
         from runtime.memory import format_size
 
-        per = kv_bytes_per_token(model.config, torch.empty(0, dtype=model.dtype).element_size())
-        raise ValueError(
+        per = kv_token_bytes or kv_bytes_per_token(model.config, torch.empty(0, dtype=model.dtype).element_size())
+        raise ContextLengthError(
             f"{batch} x ({prompt_tokens} prompt + {max_new_tokens} new) tokens need KV for {batch * need} tokens "
             f"({format_size(batch * need * per)}), but the budget of {format_size(model.plan.budget_bytes)} reserves "
-            f"{model.context_tokens} tokens; raise --memory-budget by about {format_size((batch * need - model.context_tokens) * per)}, "
-            "pass a larger context_tokens, or shorten the request"
+            f"{kv} tokens; raise --memory-budget by about {format_size((batch * need - kv) * per)}, "
+            "pass a larger context_tokens, or shorten the request",
+            prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, limit=kv // batch,
         )
+    if ctx is not None and need > ctx:
+        raise model_error
 
 
 StopFn = Callable[[int, list[int]], bool]
@@ -218,7 +305,7 @@ def stream(
     check_context(model, batch, n, cfg.max_new_tokens)
     if prefix_cache is not None and (batch != 1 or attention_mask is not None):
         raise ValueError("the prefix cache serves one sequence at a time; batched prompts use the plain KV cache")
-    choose = _Chooser(cfg)
+    choose = Chooser(cfg)
     stats = out.stats
     stats.prompt_tokens = int(attention_mask.sum()) if attention_mask is not None else batch * n
     out.batch_token_ids = [[] for _ in range(batch)]

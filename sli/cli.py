@@ -79,25 +79,19 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from runtime.generate import GenerationOutput
+    from runtime.generate import GenerationOutput, SamplingConfig, check_stop
     from runtime.memory import format_size
 
-    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget)
+    options = dict(do_sample=a.temperature > 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,  # 0 = greedy
+                   repetition_penalty=a.repetition_penalty, seed=a.seed)
+    SamplingConfig(max_new_tokens=a.max_new_tokens, **options)  # the checks every entry point makes, before anything loads
+    check_stop(a.stop)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget,
+                      kv_dtype=a.kv_dtype)
     proc.load()  # quantize if needed and open, before echoing the prompt
     proc.prefix_session()  # the KV pool and its spill store: what they say comes before the prompt too
     out = GenerationOutput()
-    pieces = proc.stream(
-        a.prompt,
-        max_new_tokens=a.max_new_tokens,
-        do_sample=a.temperature > 0,
-        temperature=a.temperature if a.temperature > 0 else 1.0,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        stop=a.stop,
-        out=out,
-    )
+    pieces = proc.stream(a.prompt, max_new_tokens=a.max_new_tokens, stop=a.stop, out=out, **options)
     print(a.prompt, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -118,7 +112,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     """Interactive chat: streams answers; /reset, /stats, /exit; Ctrl-C stops an answer."""
     from runtime.memory import format_size
 
-    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
     session = proc.chat(system_prompt=a.system)
     print(f"[{proc.load().plan.describe()}]", file=sys.stderr)
     print("sli chat: /reset clears the history, /stats shows the last answer's figures, /exit quits; Ctrl-C stops an answer.",
@@ -165,6 +159,30 @@ def cmd_chat(a: argparse.Namespace) -> int:
             except (ValueError, RuntimeError, CacheError) as e:  # this turn failed; the history is as before it
                 print(f"[error: {e}]", end="")
             print(flush=True)
+    finally:
+        proc.close()
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """An OpenAI-compatible server on loopback (unless --host says otherwise) until SIGTERM."""
+    import ipaddress
+
+    from runtime.engine import EngineConfig
+    from sli.server import serve
+
+    try:
+        loopback = ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = a.host == "localhost"
+    if not loopback and not a.api_key:
+        print(f"sli serve: warning: listening on {a.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    config = EngineConfig(max_running=a.max_running, max_waiting=a.max_waiting, step_tokens=a.step_tokens,
+                          itl_factor=a.itl_factor or None)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
+    try:
+        return serve(proc, host=a.host, port=a.port, api_key=a.api_key or None, model_name=a.served_model_name,
+                     engine_config=config, shutdown_timeout_s=a.shutdown_timeout,
+                     ready=lambda url: print(f"sli serve: listening on {url}", file=sys.stderr, flush=True))
     finally:
         proc.close()
 
@@ -216,12 +234,38 @@ def cmd_bench_scale(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from sli.bench_serve import ServeBenchConfig, run_serve_bench, write_serve_outputs
+
+    cfg = ServeBenchConfig(out_dir=a.out if a.out != "bench-results" else "docs/results", cold=not a.warm)
+    if a.shapes:
+        cfg.shapes = tuple(x for x in a.shapes.split(",") if x)
+    if a.clients:
+        cfg.clients = tuple(int(x) for x in a.clients.split(","))
+    if a.budgets:
+        cfg.budgets.update(dict(kv.split("=", 1) for kv in a.budgets.split(",")))
+    if a.requests_per_client:
+        cfg.requests_per_client = a.requests_per_client
+    if a.prompt_tokens:
+        cfg.prompt_tokens = a.prompt_tokens
+    if a.new_tokens_scale:
+        cfg.new_tokens = a.new_tokens_scale
+    if a.llama_server:
+        cfg.llama_server = a.llama_server
+    res = run_serve_bench(cfg, progress=lambda m: print(f"[serve] {m}", file=sys.stderr, flush=True))
+    paths = write_serve_outputs(res, cfg.out_dir)
+    print(open(paths["md"]).read())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.offline.fetch import resolve_model, sli_home
 
     if a.scale:
         return cmd_bench_scale(a)
+    if a.serve:
+        return cmd_bench_serve(a)
 
     cfg = BenchConfig(
         model=str(resolve_model(a.model)),
@@ -318,6 +362,13 @@ def _copy_plan_args(sub: argparse._SubParsersAction, p: argparse.ArgumentParser,
             p._add_action(action)
 
 
+def _add_kv_dtype(p: argparse.ArgumentParser) -> None:
+    from runtime.kv import KVDtype
+
+    p.add_argument("--kv-dtype", default=KVDtype.AUTO.value, choices=[k.value for k in KVDtype],
+                   help="KV blocks in the compute dtype (auto) or int8 with per-token, per-head scales (about twice the tokens per budget)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sli", description="layer-streaming inference runtime")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -348,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--context-tokens", type=int, default=None, help="tokens of KV to reserve (default: chosen by the planner)")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--system", default=None, help="system prompt")
+    _add_kv_dtype(c)
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="sli against transformers and accelerate offload (AirLLM when asked) at several budgets")
@@ -356,10 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a random model in Llama-3.1-8B's (or 3.2-1B's) shapes: quantize, stream cold under a cgroup limit, beside accelerate and llama.cpp (see sli.bench_scale)")
     b.add_argument("--workdir", default=None, help="--scale: where the model, caches and GGUF go (default $SLI_HOME/scale-<shape>)")
     b.add_argument("--llama-convert", default=None, help="--scale: llama.cpp's convert_hf_to_gguf.py, to make its Q4_0")
-    b.add_argument("--budgets", default=None, help="--scale: comma-separated budgets (default 1GB,2GB,4GB)")
+    b.add_argument("--budgets", default=None,
+                   help="--scale: comma-separated budgets (default 1GB,2GB,4GB); --serve: shape=budget pairs (default 1b=400MB,8b=2GB)")
     b.add_argument("--new-tokens-scale", type=int, default=None, help="--scale: tokens decoded per point (default 8)")
     b.add_argument("--prompt-tokens", type=int, default=None, help="--scale: prompt length for the prefill (default 512)")
     b.add_argument("--keep", action="store_true", help="--scale: keep what the run made")
+    b.add_argument("--serve", action="store_true",
+                   help="sli serve under 1/4/16 concurrent clients beside llama-server, cold in a cgroup (see sli.bench_serve)")
+    b.add_argument("--shapes", default=None, help="--serve: models, comma-separated: 1b, 8b (the scale models), real (default 1b,8b)")
+    b.add_argument("--clients", default=None, help="--serve: concurrent clients, comma-separated (default 1,4,16)")
+    b.add_argument("--requests-per-client", type=int, default=None, help="--serve: requests each client sends (default 2)")
+    b.add_argument("--llama-server", default=None, help="--serve: llama.cpp's llama-server binary")
+    b.add_argument("--warm", action="store_true", help="--serve: no cgroup limit, page cache left as it is")
     b.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
     b.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png (--scale: docs/results)")
     b.add_argument("--new-tokens", type=int, default=64)
@@ -389,8 +449,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: compute on the GPU, layers streamed within --gpu-budget (GPU) and --memory-budget (host)")
     g.add_argument("--gpu-budget", default=None, help="GPU memory for --device cuda, e.g. 4GB")
+    _add_kv_dtype(g)
     _copy_plan_args(sub, g, with_cache=True)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, continuous batching under a memory budget")
+    s.add_argument("model", help="model folder, .gguf, SmolLM2-135M-Instruct, or a cache directory")
+    _copy_plan_args(sub, s, with_cache=True)
+    s.add_argument("--memory-budget", default=None, help="e.g. 2GB, or auto (default: hold everything)")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="compute dtype (default float32, or the plan's --compute-dtype)")
+    s.add_argument("--context-tokens", type=int, default=None, help="tokens of KV the budget reserves for all requests together")
+    _add_kv_dtype(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the model folder's name)")
+    s.add_argument("--max-running", type=int, default=None, help="most sequences in the batch (default: what the KV blocks allow)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait; beyond, 503 with Retry-After")
+    s.add_argument("--step-tokens", type=int, default=None, help="tokens a step computes while prompts prefill (default: the prefill chunk)")
+    s.add_argument("--itl-factor", type=float, default=2.0,
+                   help="while streams decode, keep each step within this factor of a one-token step (0: off)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
+    s.set_defaults(func=cmd_serve)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
     i.add_argument("cache", type=Path)
     i.add_argument("--variant", default=None, help="variant id (or prefix)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import torch
 
 from cache.store import LayerStore
 from runtime.executor import StreamingModel
+from runtime.kv import KVDtype
 from runtime.detok import TextStream, cut_at_stop, stop_checker
-from runtime.generate import GenerationOutput, GenerationResult, SamplingConfig
+from runtime.generate import GenerationOutput, GenerationResult, SamplingConfig, check_stop
 from runtime.generate import generate as generate_tokens
 from runtime.generate import stream as stream_tokens
 from runtime.memory import parse_size
@@ -67,6 +69,8 @@ class UniversalSLIProcessor:
             :class:`~runtime.executor.StreamingModel`).
         spill_limit: disk space for KV blocks spilled to ``<cache_dir>/kv-spill`` and
             reused across processes (``None`` or 0: no spilling).
+        kv_dtype: how the paged KV pool stores blocks: ``"auto"`` (the compute dtype) or
+            ``"int8"`` (per-token, per-head scales: about twice the tokens in the same memory).
 
     Raises:
         ModelSourceError: the model is missing or malformed.
@@ -90,6 +94,7 @@ class UniversalSLIProcessor:
         prefetch: bool = False,
         readahead: bool | None = None,
         spill_limit: str | int | None = "1GiB",
+        kv_dtype: str = "auto",
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
@@ -134,6 +139,9 @@ class UniversalSLIProcessor:
         self.prefetch = prefetch
         self.readahead = readahead
         self.spill_limit = parse_size(spill_limit) if spill_limit else 0
+        if kv_dtype not in {k.value for k in KVDtype}:
+            raise ValueError(f"kv_dtype must be one of {', '.join(k.value for k in KVDtype)}, got {kv_dtype!r}")
+        self.kv_dtype = KVDtype(kv_dtype)
         self._prefix = None
         self._spill = None
         self._source: ModelSource | None = None
@@ -303,7 +311,7 @@ class UniversalSLIProcessor:
             if self.spill_limit:  # a read-only cache or a full disk spills elsewhere or not at all, and says so
                 spill = open_spill_store(self.cache_dir / "kv-spill", limit_bytes=self.spill_limit, fallback=self._spill_fallback())
             self._spill = spill
-            self._prefix = prefix_session_for(self.load(), spill=spill)
+            self._prefix = prefix_session_for(self.load(), spill=spill, kv_dtype=self.kv_dtype)
         return self._prefix
 
     def _spill_fallback(self) -> Path:
@@ -314,6 +322,15 @@ class UniversalSLIProcessor:
         digest = hashlib.sha256(os.path.realpath(self.cache_dir).encode()).hexdigest()[:16]
         return sli_home() / "kv-spill" / digest
 
+    def engine(self, config=None):
+        """A continuous-batching :class:`~runtime.engine.Engine` (not started) over this model,
+        its tokenizer and its paged KV pool (the pool :meth:`stream` uses: while the engine
+        runs, generate through it, not through :meth:`stream`)."""
+        from runtime.engine import Engine, EngineConfig, EngineCore
+
+        model = self.load()
+        return Engine(EngineCore(model, self.tokenizer, self.prefix_session(), config or EngineConfig()))
+
     def chat(self, system_prompt: str | None = None, messages: list[dict] | None = None) -> "ChatSession":
         """A chat session: keeps the history, applies the model's chat template, and reuses
         the KV of everything before the new message."""
@@ -322,12 +339,10 @@ class UniversalSLIProcessor:
         return ChatSession(self, system_prompt=system_prompt, messages=messages)
 
     def _sampling(self, max_new_tokens: int, ignore_eos: bool = False, **kwargs) -> SamplingConfig:
-        eos = self.tokenizer.eos_token_id
-        return SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=() if ignore_eos else tuple([eos] if isinstance(eos, int) else (eos or [])),
-            **kwargs,
-        )
+        """The sampling config (checked before anything loads), then the model's end-of-sequence token added."""
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, **kwargs)
+        eos = self.tokenizer.eos_token_id if not ignore_eos else None
+        return replace(cfg, stop_token_ids=tuple([eos] if isinstance(eos, int) else (eos or [])))
 
     def stream(
         self,
@@ -351,13 +366,14 @@ class UniversalSLIProcessor:
         The KV lives in the paged pool and the longest prefix computed before (in this
         process, or spilled to disk by an earlier one) is reused; ``prefix_cache=False``
         turns reuse off for this call (a plain KV cache: nothing reused, nothing filed). ``out.stats`` reports cached and prefilled tokens."""
+        options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, seed=seed)
+        SamplingConfig(max_new_tokens=max_new_tokens, **options)  # a bad option is said before anything loads
+        stop = list(check_stop(stop))
         model = self.load()
         tok = self.tokenizer
         ids = torch.tensor([list(prompt) if not isinstance(prompt, str) else tok(prompt)["input_ids"]])
-        cfg = self._sampling(
-            max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos,
-        )
+        cfg = self._sampling(max_new_tokens, ignore_eos=ignore_eos, **options)
         out = out if out is not None else GenerationOutput()
         text = TextStream(tok, stop)
         session = self.prefix_session() if prefix_cache else None  # off: a plain cache, nothing reused or filed
@@ -382,6 +398,7 @@ class UniversalSLIProcessor:
             return GenerationResult(text=text, token_ids=out.token_ids, stats=out.stats, texts=[text])
         if not prompt:
             raise ValueError("the list of prompts is empty")
+        stop = list(check_stop(stop))
         tok = self.tokenizer
         encoded = [tok(p)["input_ids"] for p in prompt]
         width = max(len(e) for e in encoded)
