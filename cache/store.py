@@ -555,8 +555,19 @@ def _quantize_command(source: str, quant: dict[str, Any], cache: str) -> str:
         cmd += " --mixed"
     else:
         cmd += f" --mode {quant.get('mode', 'nf4')}"
-        if quant.get("mode") in ("int4", "int2") and quant.get("group_size"):
+        if quant.get("mode") in ("int4", "int3", "int2") and quant.get("group_size"):
             cmd += f" --group-size {quant['group_size']}"
+        if quant.get("symmetric"):
+            cmd += " --symmetric"
+        if quant.get("permute") not in (None, "none"):
+            cmd += f" --permute {quant['permute']}"
+    cal = quant.get("calibration")
+    if isinstance(cal, dict):
+        cmd += f" --calibrate {cal.get('method')} --calibration-samples {cal.get('samples')} --calibration-seqlen {cal.get('seqlen')}"
+        if cal.get("text"):
+            cmd += f" --calibration-text {shlex.quote(str(cal['text']))}"
+        if cal.get("act_order"):
+            cmd += " --act-order"
     return f"{cmd} --cache {cache}"
 
 

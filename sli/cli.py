@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -16,16 +17,20 @@ from runtime.arch import UnsupportedArchitectureError
 from runtime.cuda import CudaUnavailableError
 from runtime.kernels import KernelError
 from sli.offline.adaptive import AdaptiveQuantizer
-from sli.offline.config import QuantizationConfig, QuantizationMode
+from sli.offline.calibration import CalibrationConfig, CalibrationMethod
+from sli.offline.config import ChannelOrder, QuantizationConfig, QuantizationMode
 from sli.offline.sources import ModelSourceError
 
 _DEFAULTS = QuantizationConfig(mode=QuantizationMode.NF4)
+# the calibration defaults, from the dataclass (an instance would hash the default text at import)
+_CAL = {f.name: f.default for f in dataclasses.fields(CalibrationConfig)}
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model layer by layer into a cache")
     p.add_argument("model", help="model folder, .gguf file, or SmolLM2-135M-Instruct (after `sli fetch-model`)")
-    p.add_argument("--mode", choices=[m.value for m in QuantizationMode], default=_DEFAULTS.mode.value)
+    p.add_argument("--mode", choices=[m.value for m in QuantizationMode], default=None,
+                   help=f"how weights are stored (default {_DEFAULTS.mode.value}; a cache directory given as the model: what it holds)")
     p.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
     p.add_argument("--mixed", action="store_true", help="mixed precision: attention INT8, FFN NF4, others kept")
     p.add_argument(
@@ -35,37 +40,77 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compute-dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
                    help="the plan's compute dtype (overrides the processor's --dtype; the two given at once must agree)")
-    p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size, help="int4/int2 group size")
+    p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size,
+                   help="int4/int3/int2 group size (a width that is not a multiple of it ends in one narrower group)")
+    p.add_argument("--symmetric", action="store_true", help="int4/int3/int2: symmetric grid (default: asymmetric, integer zero point)")
+    p.add_argument("--permute", choices=[o.value for o in ChannelOrder], default=None,
+                   help="int4/int3/int2: order input channels before grouping, by weight L2 norm or calibration activation scale")
+    p.add_argument("--calibrate", choices=[m.value for m in CalibrationMethod], default=None,
+                   help="calibrated quantization: GPTQ, AWQ scales folded into the model, or both (layer by layer)")
+    p.add_argument("--calibration-text", default=None,
+                   help="calibration text: plain text, or JSONL with a 'text' field (default: stdlib docstrings shipped with sli)")
+    p.add_argument("--calibration-samples", type=int, default=_CAL["samples"], help="calibration sequences")
+    p.add_argument("--calibration-seqlen", type=int, default=_CAL["seqlen"], help="tokens per calibration sequence")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy (groups stay static)")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="percent perplexity loss allowed on a held-out slice of the calibration text: each tensor gets the "
+                        "fewest bits (calibrated int3/int4 groups, int8, or kept) that stay under it")
     p.add_argument("--threshold", type=float, default=_DEFAULTS.llm_int8_threshold, help="int8 outlier threshold")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: no double quantization")
     p.add_argument("--target-bits", type=float, default=None,
                    help="mixed precision chosen by measured salience, to this average bits per weight (e.g. 4.5)")
     p.add_argument("--compress-level", type=int, default=3, help="zstd level, 0 disables")
+    p.add_argument("--memory-budget", default=None,
+                   help="calibration: activations that do not fit spill to the cache directory (e.g. 2GiB, or auto)")
     p.add_argument("--validate-memory", action="store_true", help="fail unless every quantized tensor shrank; report the reduction")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _calibration_from_args(a: argparse.Namespace) -> CalibrationConfig | None:
+    method = getattr(a, "calibrate", None)
+    if method is None:
+        for flag, given in (("--calibration-text", a.calibration_text is not None), ("--act-order", a.act_order),
+                            ("--calibration-samples", a.calibration_samples != _CAL["samples"]),
+                            ("--calibration-seqlen", a.calibration_seqlen != _CAL["seqlen"])):
+            if given:
+                raise ValueError(f"{flag} applies to calibrated quantization: add --calibrate gptq (or awq, awq+gptq)")
+        return None
+    return CalibrationConfig(method=method, text=a.calibration_text, samples=a.calibration_samples,
+                             seqlen=a.calibration_seqlen, act_order=a.act_order)
+
+
+def _plan_given(a: argparse.Namespace) -> bool:
+    """Whether the command line says how to quantize (else a cache directory opens what it holds)."""
+    return bool(a.mode or a.mixed or getattr(a, "calibrate", None) or getattr(a, "target_bits", None)
+                or getattr(a, "target_loss", None) or a.skip is not None or a.symmetric or a.permute)
+
+
 def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuantizer:
     skip = None if a.skip is None else [s for s in a.skip.split(",") if s.strip()]
+    calibration = _calibration_from_args(a)
     if a.mixed:
         return AdaptiveQuantizer(
             base_config=QuantizationConfig(mode=QuantizationMode.NF4),
             attention_config=QuantizationConfig(mode=QuantizationMode.INT8),
             skip_modules=skip,
             compute_dtype=a.compute_dtype,
+            calibration=calibration,
         )
     return QuantizationConfig(
-        mode=QuantizationMode(a.mode),
+        mode=QuantizationMode(a.mode or _DEFAULTS.mode.value),
         compute_dtype=a.compute_dtype,
         double_quant=not a.no_double_quant,
         llm_int8_threshold=a.threshold,
         llm_int8_skip_modules=skip,
         group_size=a.group_size,
+        symmetric=a.symmetric,
+        permute=a.permute or "none",
+        calibration=calibration,
     )
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    proc = _processor(a, compress_level=a.compress_level, progress=True)
+    proc = _processor(a, compress_level=a.compress_level, progress=True, memory_budget=a.memory_budget)
     report = proc.quantize(validate_memory=a.validate_memory)
     s = report.summary()
     if a.json:
@@ -273,6 +318,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 f"reduction {m.original_bytes / max(m.stored_bytes, 1):.2f}x  {8 * m.stored_bytes / max(params, 1):.2f} bits/weight  "
                 f"zstd {m.raw_bytes / max(m.stored_bytes, 1):.3f}x  built in {m.seconds:.1f}s by sli {m.library_version}"
             )
+            for line in _calibration_lines(m):
+                print(f"  {line}")
             print(f"  {'group':<10} {'orig MB':>8} {'raw MB':>8} {'disk MB':>8} {'zstd':>6} {'mean relMSE':>12}  codecs")
             for g in m.groups:
                 q_errs = [t.rel_mse for t in g.tensors if t.codec != "raw"]
@@ -294,16 +341,44 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-_PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits")
+def _calibration_lines(m) -> list[str]:
+    """What `sli inspect` says about how a variant was calibrated or planned."""
+    q = m.quantization
+    cal = q.get("calibration") or next((p.get("calibration") for p in (q.get("base_config") or {}, *(q.get("overrides") or {}).values())
+                                        if isinstance(p, dict) and p.get("calibration")), None)
+    lines = []
+    if q.get("symmetric") or q.get("permute") not in (None, "none"):
+        lines.append(f"grid: {'symmetric' if q.get('symmetric') else 'asymmetric'}, channels ordered by {q.get('permute', 'none')}")
+    if cal:
+        ran = m.extra.get("calibration", {})
+        spill = "spilled to the cache directory" if ran.get("spilled") else "in memory"
+        lines.append(
+            f"calibration: {cal['method']} on {cal.get('text') or 'sli/data/calibration.txt'} (sha256 {cal['text_sha256'][:12]}), "
+            f"{cal['samples']} x {cal['seqlen']} tokens{', act-order' if cal.get('act_order') else ''}; "
+            + (f"took {ran['seconds']:.0f}s, peak {ran['peak_rss_bytes'] / 1e6:.0f} MB over baseline, activations "
+               f"{ran['activation_bytes'] / 1e6:.0f} MB {spill}" if ran else "")
+        )
+    planned = q.get("planned") or {}
+    if planned:
+        lines.append("planned: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in planned.items()))
+    return lines
+
+
+_PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits",
+              "symmetric", "permute", "calibrate", "calibration_text", "calibration_samples", "calibration_seqlen", "act_order",
+              "target_loss")
 
 
 def _processor(a: argparse.Namespace, **kwargs):
-    """The processor the plan options ask for (salience-driven when --target-bits is given)."""
+    """The processor the plan options ask for (chosen by measurement when --target-bits or
+    --target-loss is given; a cache directory without plan options opens the variant it holds)."""
     from sli.processor import UniversalSLIProcessor
 
-    if getattr(a, "target_bits", None):
-        return UniversalSLIProcessor.for_target_bits(a.model, a.target_bits, cache_dir=a.cache, **kwargs)
-    return UniversalSLIProcessor(a.model, quantization_config=_plan_from_args(a), cache_dir=a.cache, **kwargs)
+    if getattr(a, "target_bits", None) or getattr(a, "target_loss", None):
+        return UniversalSLIProcessor.for_target(a.model, target_bits=a.target_bits, target_loss=a.target_loss,
+                                                calibration=_calibration_from_args(a), cache_dir=a.cache, **kwargs)
+    plan = _plan_from_args(a) if _plan_given(a) or not (Path(a.model) / "data.mdb").is_file() else None
+    return UniversalSLIProcessor(a.model, quantization_config=plan, cache_dir=a.cache, **kwargs)
 
 
 def _copy_plan_args(sub: argparse._SubParsersAction, p: argparse.ArgumentParser, *, with_cache: bool) -> None:

@@ -93,6 +93,8 @@ class UniversalSLIProcessor:
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
+        # a cache directory given without a plan opens the variant it holds (see _cached_variant)
+        self._plan_given = quantization_config is not None or adaptive_quantizer is not None
         if isinstance(quantization_config, str):
             quantization_config = resolve_plan(quantization_config)
         self.plan: QuantizationConfig | AdaptiveQuantizer = adaptive_quantizer or quantization_config or get_nf4_config()
@@ -200,13 +202,25 @@ class UniversalSLIProcessor:
         return variant_id(self.source.fingerprint(), self.plan.fingerprint())
 
     def _cached_variant(self) -> str:
+        """The variant of a cache directory given as the model: the one quantized with the plan
+        given, or, when no plan was given, the only one it holds (its plan is then adopted)."""
+        from sli.offline.plans import plan_from_dict
+
         with LayerStore(self.cache_dir, readonly=True) as st:
             manifests = [st.require_manifest(v) for v in st.list_variants()]
+        held = ", ".join(f"{m.variant_id} ({m.source.get('path')}, {m.quantization.get('mode', 'mixed')})" for m in manifests)
+        if not self._plan_given:
+            if len(manifests) == 1:
+                self.plan = plan_from_dict(manifests[0].quantization)
+                return manifests[0].variant_id
+            raise ValueError(
+                f"cache {self.cache_dir} holds {len(manifests)} variants ({held or 'none'}); say which: give the "
+                "quantization it was made with (--mode/--calibrate ..., or quantization_config=)"
+            )
         fp = self.plan.fingerprint()
         match = [m for m in manifests if m.quant_fingerprint == fp]
         if len(match) == 1:
             return match[0].variant_id
-        held = ", ".join(f"{m.variant_id} ({m.source.get('path')}, {m.quantization.get('mode', 'mixed')})" for m in manifests)
         if not match:
             raise ValueError(f"cache {self.cache_dir} holds no variant quantized this way; it holds: {held or 'nothing'}")
         raise ValueError(f"cache {self.cache_dir} holds this quantization for several models ({held}); pass the model path")
@@ -229,7 +243,18 @@ class UniversalSLIProcessor:
                 compress_level=self.compress_level,
                 validate_memory=validate_memory,
                 progress=self.progress,
+                memory_budget=self._budget_bytes(),
             )
+
+    def _budget_bytes(self) -> int | None:
+        """The memory budget in bytes (for calibration activations), None when unset."""
+        if self.memory_budget is None:
+            return None
+        if self.memory_budget == "auto":
+            from runtime.hostmem import auto_budget
+
+            return auto_budget().budget_bytes
+        return parse_size(self.memory_budget)
 
     # -- inference -------------------------------------------------------------------------
     @property
