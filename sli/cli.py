@@ -113,6 +113,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     proc = _processor(a, compress_level=a.compress_level, progress=True, memory_budget=a.memory_budget)
     report = proc.quantize(validate_memory=a.validate_memory)
     s = report.summary()
+    sp = getattr(proc, "salience", None)
+    if sp is not None and sp.target_loss is not None:
+        # what the plan measured, and what the built cache measures on the same held-out text
+        s["target_loss_pct"] = sp.target_loss
+        s["planned_loss_pct"] = round(sp.loss, 3)
+        s["heldout_loss_pct"] = round(proc.heldout_loss(), 3)
+        s["planned_bits_per_weight"] = round(sp.bits_all, 3)
+        s["plan"] = sp.counts()
     if a.json:
         print(json.dumps(s, indent=2))
         return 0

@@ -148,18 +148,60 @@ class UniversalSLIProcessor:
         """A processor whose plan gives each linear weight the codec that buys the most quality
         per bit, measured on calibration text, to average ``target_bits`` (see :mod:`sli.offline.salience`).
         The unquantized reference is built (mode ``none``) in the same cache for calibration."""
+        return cls.for_target(model_name, target_bits=target_bits, cache_dir=cache_dir, memory_budget=memory_budget,
+                              progress=progress, **kwargs)
+
+    @classmethod
+    def for_target(cls, model_name, *, target_bits: float | None = None, target_loss: float | None = None, calibration=None,
+                   cache_dir=None, memory_budget=None, progress: bool = True, **kwargs):
+        """A processor whose plan is chosen by measurement (:mod:`sli.offline.salience`):
+        ``target_bits`` (average bits per linear weight) or ``target_loss`` (percent perplexity
+        loss on a held-out slice of the calibration text, met with the fewest bits: every
+        tensor, the embeddings and head included, gets calibrated int3/int4 groups, int8 or
+        is kept). ``calibration`` (a :class:`~sli.offline.calibration.CalibrationConfig`):
+        the text and samples of a loss target (default: the shipped text, GPTQ).
+        ``p.salience`` holds the plan's figures."""
         from sli.offline.config import QuantizationConfig
         from sli.offline.salience import plan_by_salience
 
-        ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
-                  memory_budget=memory_budget, progress=progress)
-        try:
-            sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, progress=progress)
-        finally:
-            ref.close()
+        if target_loss is not None:
+            if target_bits is not None:
+                raise ValueError("give target_bits or target_loss, not both")
+            probe = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir, progress=progress)
+            work = probe.cache_dir / "plans" / f"{probe.source.fingerprint()}-loss{target_loss:g}"
+            try:
+                sp = plan_by_salience(probe.source, target_loss=target_loss, calibration=calibration, work_dir=work, progress=progress)
+            finally:
+                probe.close()
+        else:
+            if calibration is not None:
+                raise ValueError("calibration= applies to a loss target (target_loss=); a bits target calibrates on the shipped text")
+            ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
+                      memory_budget=memory_budget, progress=progress)
+            try:
+                sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, progress=progress)
+            finally:
+                ref.close()
         p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)
         p.salience = sp
         return p
+
+    def heldout_loss(self) -> float:
+        """For a plan with a calibration: the perplexity loss (percent, against the unquantized
+        source) of the built variant on the held-out slice of the calibration text, the text
+        a loss target is measured on."""
+        from sli.offline.lossprobe import LossProbe
+
+        cal = self.plan.effective_calibration
+        if cal is None:
+            raise ValueError("this plan has no calibration, so no held-out calibration text to measure on")
+        self.quantize()
+        probe = LossProbe(self.source, cal, self.cache_dir / "plans" / "heldout", progress=self.progress)
+        try:
+            with LayerStore(self.cache_dir, readonly=True) as st:
+                return probe.cache_loss(st, self.variant_id)
+        finally:
+            probe.close()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 DEFAULT_TEXT_NAME = "sli/data/calibration.txt"
+HOLDOUT_TOKENS = 4096  # what a loss target holds out of the text unless told
 
 
 class CalibrationMethod(str, Enum):
@@ -95,7 +96,8 @@ class CalibrationConfig:
         samples: sequences of ``seqlen`` tokens taken from the text (evenly spaced, not overlapping).
         seqlen: tokens per sample.
         holdout_tokens: tokens at the end of the text kept out of the samples, on which a loss
-            target (``--target-loss``) is measured.
+            target (``--target-loss``) is measured (a loss target holds out ``HOLDOUT_TOKENS``
+            when this is 0).
         act_order: GPTQ quantizes columns in order of decreasing activation energy (the
             groups stay the stored, contiguous ones: "static groups").
         damp: GPTQ dampening, a share of the Hessian's mean diagonal added to its diagonal.
@@ -111,7 +113,7 @@ class CalibrationConfig:
     text: str | None = None
     samples: int = 128
     seqlen: int = 512
-    holdout_tokens: int = 4096
+    holdout_tokens: int = 0
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128

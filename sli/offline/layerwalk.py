@@ -232,14 +232,15 @@ class Walker:
         return [g for _, g in groups]
 
     def collect(self, i: int, x: torch.Tensor, names: list[str], *, hessian: bool, samples: int | None = None,
-                stop: bool = True) -> dict[str, LinearStats]:
+                stop: bool = True, out: torch.Tensor | None = None) -> dict[str, LinearStats]:
         """Statistics of the inputs of layer ``i``'s linears ``names`` over ``x[:samples]``
-        (the pass stops after the last of them when ``stop``)."""
+        (the pass stops after the last of them when ``stop``; else the layer's outputs go to
+        ``out`` when given)."""
         layer = self.layers[i]
         stats = {n: LinearStats() for n in names}
         hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0], hessian=hessian)) for n in names]
         try:
-            self.run(i, x, samples=samples, stop_after=layer.get_submodule(names[-1]) if stop else None)
+            self.run(i, x, None if stop else out, samples=samples, stop_after=layer.get_submodule(names[-1]) if stop else None)
         finally:
             for h in hooks:
                 h.remove()
