@@ -71,6 +71,11 @@ class Codec(ABC):
         enc = self.encode(w, **params)
         return enc, tensor_error(w, self.decode(enc, torch.float32))
 
+    def fake_quantize(self, w: torch.Tensor, **params: Any) -> torch.Tensor:
+        """``decode(encode(w, **params), float32)``: what the codec would store, as float32
+        weights (searches such as AWQ's call this many times; codecs skip the packing)."""
+        return self.decode(self.encode(w, **params), torch.float32)
+
     def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
         """Rebuild the tensor into ``out`` (its shape, any float dtype); returns ``out``.
 
@@ -275,6 +280,24 @@ class GroupIntCodec(Codec):
         scale, offset = group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
         q = quantize_codes(g, scale[..., None], offset[..., None], self.bits).to(torch.uint8).reshape(rows, -1)
         return self._encoded(q, scale, offset, w, group_size, symmetric, perm)
+
+    def fake_quantize(self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, symmetric: bool = False,
+                      perm: torch.Tensor | None = None, permute: str | None = None, **_: Any) -> torch.Tensor:
+        """:meth:`encode` then :meth:`decode` to float32, without packing the codes (the same numbers)."""
+        if perm is not None or permute not in (None, "none"):
+            return super().fake_quantize(w, group_size=group_size, symmetric=symmetric, perm=perm, permute=permute)
+        self._check_2d(w)
+        self._check_group(group_size)
+        rows, cols = w.shape
+        ngroups = -(-cols // group_size)
+        pad = ngroups * group_size - cols
+        w32 = w.float()
+        if pad:
+            w32 = torch.cat([w32, w32[:, :1].expand(rows, pad)], dim=1)
+        g = w32.reshape(rows, ngroups, group_size)
+        scale, offset = group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        sf, of = scale.float()[..., None], offset.float()[..., None]
+        return torch.addcmul(of, quantize_codes(g, scale[..., None], offset[..., None], self.bits), sf).reshape(rows, -1)[:, :cols]
 
     def encode_codes(
         self,

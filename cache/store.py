@@ -566,8 +566,7 @@ def _quantize_command(source: str, quant: dict[str, Any], cache: str) -> str:
         cmd += f" --calibrate {cal.get('method')} --calibration-samples {cal.get('samples')} --calibration-seqlen {cal.get('seqlen')}"
         if cal.get("text"):
             cmd += f" --calibration-text {shlex.quote(str(cal['text']))}"
-        if cal.get("act_order"):
-            cmd += " --act-order"
+        cmd += " --act-order" if cal.get("act_order") else " --no-act-order"
     return f"{cmd} --cache {cache}"
 
 

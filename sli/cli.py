@@ -51,7 +51,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="calibration text: plain text, or JSONL with a 'text' field (default: stdlib docstrings shipped with sli)")
     p.add_argument("--calibration-samples", type=int, default=_CAL["samples"], help="calibration sequences")
     p.add_argument("--calibration-seqlen", type=int, default=_CAL["seqlen"], help="tokens per calibration sequence")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy (groups stay static)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by decreasing activation energy, groups kept static (default: on)")
     p.add_argument("--target-loss", type=float, default=None,
                    help="percent perplexity loss allowed on a held-out slice of the calibration text: each tensor gets the "
                         "fewest bits (calibrated int3/int4 groups, int8, or kept) that stay under it")
@@ -69,14 +70,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _calibration_from_args(a: argparse.Namespace) -> CalibrationConfig | None:
     method = getattr(a, "calibrate", None)
     if method is None:
-        for flag, given in (("--calibration-text", a.calibration_text is not None), ("--act-order", a.act_order),
+        for flag, given in (("--calibration-text", a.calibration_text is not None), ("--act-order", a.act_order is not None),
                             ("--calibration-samples", a.calibration_samples != _CAL["samples"]),
                             ("--calibration-seqlen", a.calibration_seqlen != _CAL["seqlen"])):
             if given:
                 raise ValueError(f"{flag} applies to calibrated quantization: add --calibrate gptq (or awq, awq+gptq)")
         return None
     return CalibrationConfig(method=method, text=a.calibration_text, samples=a.calibration_samples,
-                             seqlen=a.calibration_seqlen, act_order=a.act_order)
+                             seqlen=a.calibration_seqlen, act_order=_CAL["act_order"] if a.act_order is None else a.act_order)
 
 
 def _plan_given(a: argparse.Namespace) -> bool:
@@ -266,12 +267,44 @@ def cmd_bench_scale(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(a: argparse.Namespace) -> int:
+    from sli.bench_quality import QualityBenchConfig, label, run_quality, write_outputs
+    from sli.offline.fetch import resolve_model, sli_home
+
+    cfg = QualityBenchConfig(model=str(resolve_model(a.model)), out_dir=a.out if a.out != "bench-results" else "docs/results",
+                             work_dir=a.workdir or "", samples=a.calibration_samples, seqlen=a.calibration_seqlen,
+                             eval_tokens=a.eval_tokens, target_loss=a.bench_target_loss or None)
+    if a.grid:
+        cfg.grid = tuple(x for x in a.grid.split(",") if x)
+    if a.methods:
+        cfg.methods = tuple(x for x in a.methods.split(",") if x)
+    if a.quality_peers is not None:
+        cfg.peers = tuple(x for x in a.quality_peers.split(",") if x)
+    if a.scale_model != "none":
+        default = sli_home() / "scale-1b" / "llama-1b-shape"
+        cfg.scale_model = a.scale_model or (str(default) if default.is_dir() else "")
+        if not cfg.scale_model:
+            print(f"[quality] no 1 B model at {default}: the time and memory points are left out (--scale-model PATH)", file=sys.stderr)
+    cfg.scale_samples = a.scale_samples
+
+    def show(row) -> None:
+        msg = row.get("error") or f"perplexity {row.get('perplexity', float('nan')):.4f}, {row.get('seconds', 0):.0f}s"
+        print(f"[quality] {label(row)}: {msg}", file=sys.stderr, flush=True)
+
+    rows = run_quality(cfg, progress=show)
+    paths = write_outputs(rows, cfg)
+    print(open(paths["markdown"]).read())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.offline.fetch import resolve_model, sli_home
 
     if a.scale:
         return cmd_bench_scale(a)
+    if a.quality:
+        return cmd_bench_quality(a)
 
     cfg = BenchConfig(
         model=str(resolve_model(a.model)),
@@ -445,6 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", default="transformers,transformers-bf16,accelerate,airllm")
     b.add_argument("--prompt", default=None)
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="sli's compute dtype")
+    b.add_argument("--quality", action="store_true",
+                   help="calibrated quantization (RTN, GPTQ, AWQ, AWQ+GPTQ) against llm-compressor and bitsandbytes NF4: "
+                        "perplexity loss against bits per weight on held-out text, time and memory (see sli.bench_quality)")
+    b.add_argument("--calibration-samples", type=int, default=32, help="--quality: calibration sequences (every system)")
+    b.add_argument("--calibration-seqlen", type=int, default=512, help="--quality: tokens per calibration sequence")
+    b.add_argument("--eval-tokens", type=int, default=2048, help="--quality: held-out tokens scored")
+    b.add_argument("--grid", default=None, help="--quality: e.g. int4-g64,int4-g64-sym,int3-g64 (default: int4 g32/64/128, both grids; int3 g64)")
+    b.add_argument("--methods", default=None, help="--quality: sli's methods (default rtn,gptq,awq,awq+gptq)")
+    b.add_argument("--quality-peers", default=None, help="--quality: llmcompressor-gptq,llmcompressor-awq,bnb-nf4 (the default)")
+    b.add_argument("--bench-target-loss", type=float, default=2.0, help="--quality: the --target-loss point (0 leaves it out)")
+    b.add_argument("--scale-model", default="", help="--quality: the 1 B model for time and memory (default $SLI_HOME/scale-1b/llama-1b-shape; none: skip)")
+    b.add_argument("--scale-samples", type=int, default=16, help="--quality: calibration sequences on the 1 B model")
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="stream an answer under a memory budget (quantizes first if needed)")

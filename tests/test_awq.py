@@ -58,7 +58,7 @@ def test_search_scores_round_to_nearest_at_alpha_zero_and_never_does_worse():
         return decode_tensor(get_codec("int4_group").encode(w, group_size=16), torch.float32)
 
     before = {n: layer.get_submodule(n).weight.detach().clone() for n in point.linears}
-    alpha, s, err, err0 = search_point(layer, point, x, q, lambda t: layer.mlp(t), grid=10)
+    alpha, s, err, err0 = search_point(layer, point, x, q, lambda t: layer.mlp(t), grid=10, duo=False)
     assert all(torch.equal(layer.get_submodule(n).weight, w) for n, w in before.items())  # the search restores the weights
     with torch.no_grad():
         ref = layer.mlp(x)
@@ -67,6 +67,8 @@ def test_search_scores_round_to_nearest_at_alpha_zero_and_never_does_worse():
         rtn = float((layer.mlp(x) - ref).pow(2).mean())
     assert err0 == pytest.approx(rtn, rel=1e-5)  # alpha = 0: scales of one, plain round to nearest
     assert err <= err0 and 0 <= alpha < 1 and s.shape == (64,)
+    _, s2, err2, _ = search_point(layer, point, x, q, lambda t: layer.mlp(t), grid=10, duo=True, group_size=16)
+    assert err2 <= rtn * 1.5 and s2.shape == (64,)  # duo scaling (the default) searches its own grid
 
 
 def test_an_architecture_that_cannot_be_folded_is_named():

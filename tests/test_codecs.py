@@ -225,3 +225,13 @@ def test_encode_measured_gives_encodes_bytes_and_the_decoded_error(codec, cols, 
     want = tensor_error(w.float(), decode_tensor(ref, torch.float32))
     assert err["rel_mse"] == pytest.approx(want["rel_mse"], rel=2e-3)
     assert err["max_abs_err"] == pytest.approx(want["max_abs_err"], rel=1e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize("codec", list(CodecName))
+def test_fake_quantize_is_decode_of_encode(codec):
+    """Searches (AWQ's) round weights with fake_quantize, which skips packing: the same numbers."""
+    w = _weight(rows=24, cols=200, seed=9, dtype=torch.float32)
+    params = {"group_size": 32} if codec in (CodecName.INT4_GROUP, CodecName.INT3_GROUP, CodecName.INT2_GROUP) else {}
+    for extra in ({}, {"symmetric": True}) if params else ({},):
+        c = get_codec(codec)
+        assert torch.equal(c.fake_quantize(w, **params, **extra), c.decode(c.encode(w, **params, **extra), torch.float32))

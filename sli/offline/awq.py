@@ -3,7 +3,9 @@
 Input channel ``k`` of a linear that sees large activations ``|x_k|`` matters more to its
 output; scaling the weight's column up by ``s_k`` and the input down by ``1 / s_k`` leaves the
 product unchanged but gives that column a finer grid. The scales are
-``s = mean|x|^alpha`` (normalised so ``max(s) * min(s) = 1``); ``alpha`` is chosen on a grid
+``s = mean|x|^alpha`` (normalised so ``max(s) * min(s) = 1``; with "duo scaling", the
+default, divided by the weights' relative magnitude to the power ``1 - alpha``, as AutoAWQ and
+llm-compressor do); ``alpha`` is chosen on a grid
 of ``awq_grid`` points in ``[0, 1)`` by the output error of the block that contains the
 linears, quantized with the plan's codec, on the calibration activations.
 
@@ -130,14 +132,20 @@ def search_point(
     run_inspect: Callable[[torch.Tensor], torch.Tensor],
     *,
     grid: int,
+    duo: bool = True,
+    group_size: int | None = None,
 ) -> tuple[float, torch.Tensor, float, float]:
     """Choose ``alpha`` for one point: returns ``(alpha, scales, error at alpha, error at alpha=0)``.
 
     Args:
         x: the linears' input ``[samples, L, in]`` (float32).
+        duo: AWQ's "duo scaling" (AutoAWQ, llm-compressor's default): ``s = mean|x|^alpha /
+            mean|w|^(1 - alpha)``, ``mean|w|`` the weights' magnitude per input channel relative
+            to their group's maximum (``group_size``; a row when None). Without it ``s =
+            mean|x|^alpha`` and ``alpha = 0`` is plain round to nearest.
         quantize: linear name, weight -> the weight quantized and dequantized with its codec
             (the identity for a linear the plan keeps).
-        run_inspect: the block's output for an input (micro-batched by the caller).
+        run_inspect: the block's output for an input: a tensor, or a list of them (micro-batches).
     """
     linears = [layer.get_submodule(n) for n in point.linears]
     originals = [m.weight.detach().clone() for m in linears]
@@ -148,21 +156,34 @@ def search_point(
         if rep > 1:  # one scale per kv channel: average over the query heads that read it
             head_dim = head_dim_of(layer)
             x_mean = x_mean.view(-1, rep, head_dim).mean(1).reshape(-1)
+    w_mean = None
+    if duo:
+        w = torch.cat(originals).abs()  # [sum of rows, in]
+        gs = group_size if group_size and w.shape[1] % group_size == 0 else w.shape[1]
+        w = (w.view(w.shape[0], -1, gs) / (w.view(w.shape[0], -1, gs).amax(dim=2, keepdim=True) + 1e-6)).view_as(w)
+        w_mean = w.mean(0)
+        if rep > 1:
+            w_mean = w_mean.view(-1, rep, head_dim).mean(1).reshape(-1)
+    def outputs(t: torch.Tensor) -> list[torch.Tensor]:
+        y = run_inspect(t)
+        return list(y) if isinstance(y, (list, tuple)) else [y]
+
     with torch.no_grad():
-        ref = run_inspect(x)
+        ref = outputs(x)
+    numel = sum(r.numel() for r in ref)
     best = (float("inf"), 0.0, None)
     err0 = None
     try:
         for k in range(grid):
             alpha = k / grid
-            s = x_mean.pow(alpha).clamp_min(1e-4)
+            s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)).clamp_min(1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s_full = _expand_kv(s, rep, head_dim) if rep > 1 else s
             with torch.no_grad():
                 for m, w0, n in zip(linears, originals, point.linears):
                     m.weight.copy_(quantize(n, w0 * s_full[None, :]) / s_full[None, :])
             with torch.no_grad():
-                err = float((run_inspect(x) - ref).pow(2).mean())
+                err = sum(float((a - b).pow(2).sum()) for a, b in zip(outputs(x), ref)) / numel
             if k == 0:
                 err0 = err
             if err < best[0]:

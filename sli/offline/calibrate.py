@@ -38,7 +38,7 @@ from sli.offline.actstore import ActivationStore
 from sli.offline.awq import scale_points, search_point, fold
 from sli.offline.calibration import CalibrationConfig, calibration_set
 from sli.offline.config import ChannelOrder, GROUP_CODECS, CodecChoice
-from sli.offline.gptq import GPTQ_CODECS, GPTQError, gptq_quantize
+from sli.offline.gptq import GPTQ_CODECS, GPTQError, gptq_quantize, output_error
 from sli.offline.layerwalk import Walker
 from sli.offline.quantizer import TensorQuantizer, TensorStats, require_bitsandbytes
 
@@ -59,6 +59,14 @@ def source_tokenizer(source):
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
         return AutoTokenizer.from_pretrained(tmp)
+
+
+def split_rows(enc, r0: int, r1: int, like: torch.Tensor):
+    """Rows ``r0:r1`` of a record whose parts are row-major (every part but the column ``perm``)."""
+    from cache.record import EncodedTensor
+
+    parts = {k: (v if k == "perm" else v[r0:r1].contiguous()) for k, v in enc.parts.items()}
+    return EncodedTensor(enc.codec, tuple(like.shape), str(like.dtype).removeprefix("torch."), parts, dict(enc.params))
 
 
 def _perm(order: Any, w: torch.Tensor, abs_mean: torch.Tensor | None) -> torch.Tensor | None:
@@ -162,7 +170,9 @@ class CalibratedBuilder:
             if all(self._choice(f"{prefix}.{n}.weight", layer.get_submodule(n).weight).codec is CodecName.RAW for n in point.linears):
                 continue
             xs = self.walker.inputs_of(i, x, layer.get_submodule(point.linears[0]), samples=n_awq)
-            alpha, s, err, err0 = search_point(layer, point, xs, self._rtn_for(prefix), self._inspect(layer, point), grid=self.calib.awq_grid)
+            first = self._choice(f"{prefix}.{point.linears[0]}.weight", layer.get_submodule(point.linears[0]).weight)
+            alpha, s, err, err0 = search_point(layer, point, xs, self._rtn_for(prefix), self._inspect(layer, point),
+                                               grid=self.calib.awq_grid, duo=self.calib.awq_duo, group_size=first.params.get("group_size"))
             fold(layer, point, s)
             record.setdefault("awq", {})[point.prev] = {"alpha": alpha, "error": err, "error_alpha0": err0}
             del xs
@@ -172,19 +182,23 @@ class CalibratedBuilder:
                 for g in self.walker.linear_groups(i, x)]
         todo = [g for g in todo if g]
         need_stats = self.calib.method.gptq or any(self._order(f"{prefix}.{n}.weight") is ChannelOrder.ACTIVATION for g in todo for n in g)
-        batches = todo if self.calib.true_sequential else [[n for g in todo for n in g]]
-        for group in batches:
-            stats = self.walker.collect(i, x, group, hessian=self.calib.method.gptq) if need_stats else {}
-            for n in group:
-                full = f"{prefix}.{n}.weight"
-                mod = layer.get_submodule(n)
-                enc, wq, errs = self._quantize_linear(full, mod.weight.detach(), src[full], stats.get(n))
-                w = mod.weight.detach().clone()
-                with torch.no_grad():
-                    mod.weight.copy_(wq)
-                encodings[full] = (enc, self._stats(w, wq, enc, src[full]))
-                if errs is not None:
-                    gptq_errors[full] = errs
+        passes = [[g] for g in todo] if self.calib.true_sequential else [todo]
+        for groups in passes:
+            stats = self.walker.collect(i, x, groups, hessian=self.calib.method.gptq) if need_stats and groups else {}
+            for group in groups:
+                for names_together in self._together(prefix, layer, group):
+                    done = self._quantize_linears([f"{prefix}.{n}.weight" for n in names_together],
+                                                  [layer.get_submodule(n).weight.detach() for n in names_together],
+                                                  [src[f"{prefix}.{n}.weight"] for n in names_together], stats.get(names_together[0]))
+                    for n, (enc, wq, errs) in zip(names_together, done):
+                        full = f"{prefix}.{n}.weight"
+                        mod = layer.get_submodule(n)
+                        w = mod.weight.detach().clone()
+                        with torch.no_grad():
+                            mod.weight.copy_(wq)
+                        encodings[full] = (enc, self._stats(w, wq, enc, src[full]))
+                        if errs is not None:
+                            gptq_errors[full] = errs
             del stats
         if gptq_errors:
             record["gptq"] = gptq_errors
@@ -204,12 +218,11 @@ class CalibratedBuilder:
 
     def _rtn_for(self, prefix: str):
         def quantize(n: str, w: torch.Tensor) -> torch.Tensor:
-            choice = self._choice(f"{prefix}.{n}.weight", w)
+            choice = self._choice(f"{prefix}.{n}.weight" if prefix else f"{n}.weight", w)
             if choice.codec is CodecName.RAW:
                 return w
             params = {k: v for k, v in choice.params.items() if k != "permute"}
-            codec = get_codec(choice.codec)
-            return codec.decode(codec.encode(w, **params), torch.float32)
+            return get_codec(choice.codec).fake_quantize(w, **params)
 
         return quantize
 
@@ -217,7 +230,7 @@ class CalibratedBuilder:
         module = layer.get_submodule(point.inspect)
         walker = self.walker
 
-        def run(x: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor) -> list[torch.Tensor]:
             outs = []
             for sl in walker.batches(x.shape[0]):
                 if point.inspect == "self_attn":
@@ -225,9 +238,38 @@ class CalibratedBuilder:
                 else:
                     y = module(x[sl])
                 outs.append(y[0] if isinstance(y, tuple) else y)
-            return torch.cat(outs)
+            return outs
 
         return run
+
+    def _together(self, prefix: str, layer, group: list[str]) -> list[list[str]]:
+        """A group's linears split into runs that one GPTQ call can take at once: the same
+        input (hence Hessian), the same codec and parameters, no per-weight channel order
+        (GPTQ's rows are independent, so stacking them changes nothing but the loop count)."""
+        runs: dict[str, list[str]] = {}
+        for n in group:
+            choice = self._choice(f"{prefix}.{n}.weight", layer.get_submodule(n).weight)
+            key = repr((choice.codec, sorted(choice.params.items()))) if choice.params.get("permute") != "weight" else n
+            runs.setdefault(key, []).append(n)
+        return list(runs.values())
+
+    def _quantize_linears(self, names: list[str], ws: list[torch.Tensor], likes: list[torch.Tensor], stats) -> list[tuple]:
+        """Quantize weights that share an input and a codec choice: (encoding, dequantized
+        weight, [GPTQ output error, round-to-nearest's] or None) each."""
+        if len(names) == 1 or not self.calib.method.gptq:
+            return [self._quantize_linear(n, w, like, stats) for n, w, like in zip(names, ws, likes)]
+        rows = [w.shape[0] for w in ws]
+        stacked = torch.cat(ws)
+        enc, wq, _ = self._quantize_linear(names[0], stacked, torch.empty(stacked.shape, dtype=likes[0].dtype, device="meta"), stats)
+        out, r0 = [], 0
+        for n, w, like, r in zip(names, ws, likes, rows):
+            part = split_rows(enc, r0, r0 + r, like)
+            wq_n = wq[r0 : r0 + r]
+            errs = [output_error(w, wq_n, stats.hessian),
+                    output_error(w, self._rtn_for("")(n.removesuffix(".weight"), w), stats.hessian)]
+            out.append((part, wq_n, errs))
+            r0 += r
+        return out
 
     def _quantize_linear(self, name: str, w: torch.Tensor, like: torch.Tensor, stats) -> tuple:
         choice = self._choice(name, w)

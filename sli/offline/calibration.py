@@ -99,13 +99,18 @@ class CalibrationConfig:
             target (``--target-loss``) is measured (a loss target holds out ``HOLDOUT_TOKENS``
             when this is 0).
         act_order: GPTQ quantizes columns in order of decreasing activation energy (the
-            groups stay the stored, contiguous ones: "static groups").
+            groups stay the stored, contiguous ones: "static groups"). On by default: on the
+            real model, int4 groups of 64, 16 x 512 samples: +8.98% perplexity with it, +12.40%
+            without (held-out pydoc text; round to nearest +31.0%).
         damp: GPTQ dampening, a share of the Hessian's mean diagonal added to its diagonal.
         block_size: GPTQ's lazy-update block (columns).
         true_sequential: inside a layer, the attention output and MLP projections take
             their statistics after the projections before them are quantized.
         awq_grid: points of AWQ's grid over the exponent of the activation scale.
-        awq_samples: samples AWQ's search scores each grid point on (the first ones).
+        awq_samples: samples AWQ's search scores each grid point on (the first ones; its
+            20-point search per scale point costs about 25 layer passes over them).
+        awq_duo: AWQ's "duo scaling" (activations and weights set the scales; AutoAWQ's and
+            llm-compressor's default); False: activations only.
         text_sha256: the text's hash (computed from ``text`` when not given).
     """
 
@@ -114,12 +119,13 @@ class CalibrationConfig:
     samples: int = 128
     seqlen: int = 512
     holdout_tokens: int = 0
-    act_order: bool = False
+    act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = False
     awq_grid: int = 20
-    awq_samples: int = 32
+    awq_samples: int = 8
+    awq_duo: bool = True
     text_sha256: str | None = None
 
     def __post_init__(self) -> None:

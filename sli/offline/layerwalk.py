@@ -231,20 +231,24 @@ class Walker:
                 groups.append((inp, [name]))
         return [g for _, g in groups]
 
-    def collect(self, i: int, x: torch.Tensor, names: list[str], *, hessian: bool, samples: int | None = None,
+    def collect(self, i: int, x: torch.Tensor, groups: list[list[str]], *, hessian: bool, samples: int | None = None,
                 stop: bool = True, out: torch.Tensor | None = None) -> dict[str, LinearStats]:
-        """Statistics of the inputs of layer ``i``'s linears ``names`` over ``x[:samples]``
-        (the pass stops after the last of them when ``stop``; else the layer's outputs go to
-        ``out`` when given)."""
+        """Statistics of the inputs of layer ``i``'s linears over ``x[:samples]``, one per group
+        of linears sharing an input (:meth:`linear_groups`; the group's linears get the same
+        object). The pass stops after the last linear when ``stop``; else the layer's outputs
+        go to ``out`` when given."""
         layer = self.layers[i]
-        stats = {n: LinearStats() for n in names}
-        hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0], hessian=hessian)) for n in names]
+        stats = {g[0]: LinearStats() for g in groups}
+        hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0], hessian=hessian)) for n in stats]
+        last = groups[-1][-1]
         try:
-            self.run(i, x, None if stop else out, samples=samples, stop_after=layer.get_submodule(names[-1]) if stop else None)
+            self.run(i, x, None if stop else out, samples=samples, stop_after=layer.get_submodule(last) if stop else None)
         finally:
             for h in hooks:
                 h.remove()
-        return {n: s.finish() for n, s in stats.items()}
+        for st in stats.values():
+            st.finish()
+        return {n: stats[g[0]] for g in groups for n in g}
 
     def inputs_of(self, i: int, x: torch.Tensor, module: nn.Module, *, samples: int) -> torch.Tensor:
         """The input of ``module`` (inside layer ``i``) over ``x[:samples]``, stacked

@@ -31,7 +31,8 @@ from cache.record import decode_record, encode_record
 from runtime.arch import get_arch
 from sli.offline.calibration import CalibrationConfig, calibration_set
 from sli.offline.config import QuantizationConfig, is_quantizable, module_matches
-from sli.offline.gptq import GPTQ_CODECS, gptq_quantize
+from sli.offline.calibrate import split_rows
+from sli.offline.gptq import GPTQ_CODECS, gptq_quantize, output_error
 from sli.offline.layerwalk import LinearStats, Walker, put_tensors
 
 logger = logging.getLogger(__name__)
@@ -159,33 +160,41 @@ class LossProbe:
             gname = layer_group(i)
             layer = self.walker.load(i, {n: self.source.read(n).float() for n in self.names[gname]})
             prefix = self.walker.layer_prefix(i)
-            linears = [n for g in self.walker.linear_groups(i, x) for n in g]
-            todo = [n for n in linears if not module_matches(f"{prefix}.{n}", self.skip)]
+            groups = [[n for n in g if not module_matches(f"{prefix}.{n}", self.skip)
+                       and is_quantizable(f"{prefix}.{n}.weight", layer.get_submodule(n).weight)]
+                      for g in self.walker.linear_groups(i, x)]
+            groups = [g for g in groups if g]
             y = torch.empty_like(x)  # the next layer's inputs, from this one unquantized (the same pass)
-            if todo:
-                stats = self.walker.collect(i, x, todo, hessian=True, stop=False, out=y)
+            if groups:
+                stats = self.walker.collect(i, x, groups, hessian=True, stop=False, out=y)
             else:
                 stats = {}
                 self.walker.run(i, x, y)
-            for n in todo:
-                full = f"{prefix}.{n}.weight"
-                w = layer.get_submodule(n).weight.detach()
-                src = self.source.read(full)
-                if not is_quantizable(full, src):
-                    continue
-                scores.numel[full] = w.numel()
-                scores.layers[full] = {}
+            for group in groups:  # linears sharing an input share a Hessian: one GPTQ call per candidate
+                fulls = [f"{prefix}.{n}.weight" for n in group]
+                ws = [layer.get_submodule(n).weight.detach() for n in group]
+                srcs = [self.source.read(f) for f in fulls]
+                h = stats[group[0]].hessian
+                for f, w in zip(fulls, ws):
+                    scores.numel[f] = w.numel()
+                    scores.layers[f] = {}
+                stacked = torch.cat(ws)
                 for c in candidates:
                     if c.label == KEEP:
-                        scores.layers[full][KEEP] = (src.numel() * src.element_size(), 0.0)
+                        for f, src in zip(fulls, srcs):
+                            scores.layers[f][KEEP] = (src.numel() * src.element_size(), 0.0)
                         continue
                     choice = c.config.codec_choice()
                     if choice.codec not in GPTQ_CODECS:
                         raise ValueError(f"candidate {c.label}: {choice.codec.value} has no grid GPTQ rounds onto")
-                    res = gptq_quantize(w, stats[n].hessian, codec=choice.codec, group_size=choice.params.get("group_size"),
+                    res = gptq_quantize(stacked, h, codec=choice.codec, group_size=choice.params.get("group_size"),
                                         damp=self.cal.damp, block_size=self.cal.block_size, act_order=self.cal.act_order)
-                    res.encoded.dtype = str(src.dtype).removeprefix("torch.")
-                    scores.layers[full][c.label] = (self._save(full, c.label, res.encoded), res.output_error)
+                    r0 = 0
+                    for f, w, src in zip(fulls, ws, srcs):
+                        r1 = r0 + w.shape[0]
+                        enc = split_rows(res.encoded, r0, r1, src)
+                        scores.layers[f][c.label] = (self._save(f, c.label, enc), output_error(w, res.weight[r0:r1], h))
+                        r0 = r1
             del stats
             self.walker.unload(i)
             x = y
