@@ -551,7 +551,10 @@ class LayerStore:
 def _quantize_command(source: str, quant: dict[str, Any], cache: str) -> str:
     """`sli quantize` for a stored quantization dict (a plain config or an adaptive one)."""
     cmd = f"sli quantize {shlex.quote(source)}"
-    if quant.get("kind") == "adaptive":
+    planned = quant.get("planned") or {}
+    if quant.get("kind") == "adaptive" and planned.get("target_loss") is not None:
+        cmd += f" --target-loss {planned['target_loss']:g}"
+    elif quant.get("kind") == "adaptive":
         cmd += " --mixed"
     else:
         cmd += f" --mode {quant.get('mode', 'nf4')}"

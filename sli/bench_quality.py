@@ -33,7 +33,7 @@ from sli.bench_quality_report import label, markdown, plot
 logger = logging.getLogger(__name__)
 
 GRID = ("int4-g32", "int4-g32-sym", "int4-g64", "int4-g64-sym", "int4-g128", "int4-g128-sym", "int3-g64")
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "rtn:weight", "gptq:activation")  # ":order": channel permutation
 PEERS = ("llmcompressor-gptq", "llmcompressor-awq", "bnb-nf4")
 RESULT_MARK = "SLI-QUALITY-RESULT "
 
@@ -157,9 +157,10 @@ def _plan(spec: dict[str, Any], cal):
 
     if spec["system"] == "bitsandbytes":
         return QuantizationConfig(mode="nf4")
-    m = spec["method"]
+    m, _, order = spec["method"].partition(":")  # "gptq:activation": channels permuted by activation scale
     calib = None if m == "rtn" else dataclasses.replace(cal, method=m)
-    return QuantizationConfig(mode=f"int{spec['bits']}", group_size=spec["group"], symmetric=spec["sym"], calibration=calib)
+    return QuantizationConfig(mode=f"int{spec['bits']}", group_size=spec["group"], symmetric=spec["sym"], calibration=calib,
+                              permute=order or "none")
 
 
 def _sli_point(spec: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -316,8 +317,36 @@ def run_quality(cfg: QualityBenchConfig, progress=None) -> list[dict[str, Any]]:
     return rows
 
 
+def _order(row: dict[str, Any]) -> tuple:
+    systems = {"reference": 0, "sli": 1, "llm-compressor": 2, "bitsandbytes": 3}
+    methods = {"rtn": 0, "rtn:weight": 1, "gptq": 2, "gptq:activation": 3, "awq": 4, "awq+gptq": 5, "target-loss": 9}
+    return (bool(row.get("time_only")), row["system"] == "bitsandbytes" or row.get("method") == "target-loss",
+            -row.get("bits", 99), row.get("group", 0), bool(row.get("sym")), systems.get(row["system"], 5), methods.get(row.get("method"), 6))
+
+
+def all_rows(cfg: QualityBenchConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's rows and those of earlier runs in the same work directory on the same model,
+    calibration size and evaluation (a run may add points to another's), the latest per point."""
+    from sli.offline.fetch import sli_home
+
+    log = Path(cfg.work_dir or sli_home() / "bench-quality") / "quality.jsonl"
+    by_key = {}
+    ev = {"tokens": cfg.eval_tokens, "max_length": cfg.max_length, "stride": cfg.stride}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            same = r.get("eval") == ev and r.get("seqlen") == cfg.seqlen and (
+                (r.get("model") == cfg.model and r.get("samples") == cfg.samples) or (r.get("time_only") and r.get("model") == cfg.scale_model))
+            if same:
+                by_key[r["key"]] = r
+    for r in rows:
+        by_key[r["key"]] = r
+    return sorted(by_key.values(), key=_order)
+
+
 def write_outputs(rows: list[dict[str, Any]], cfg: QualityBenchConfig) -> dict[str, str]:
 
+    rows = all_rows(cfg, rows)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1, default=str) + "\n")

@@ -15,8 +15,9 @@ def label(row: dict[str, Any]) -> str:
     if row["system"] == "bitsandbytes":
         return "bitsandbytes NF4"
     grid = f"int{row['bits']} g{row['group']}{' sym' if row['sym'] else ''}"
-    name = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}.get(row["method"], row["method"])
-    return f"{row['system']} {name} {grid}"
+    m, _, order = row["method"].partition(":")
+    name = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}.get(m, m)
+    return f"{row['system']} {name} {grid}" + (f" permuted by {order}" if order else "")
 
 
 def _loss(row: dict[str, Any], ref: float) -> float | None:
@@ -80,7 +81,7 @@ def goals(rows: list[dict[str, Any]], ref: float | None) -> list[str]:
     grids = sorted({_grid(r) for r in ok_rows if _grid(r)}, key=lambda g: (-g[0], g[1], g[2]))
     for g in grids:
         here = [r for r in ok_rows if _grid(r) == g]
-        sli_cal = [r for r in here if r["system"] == "sli" and r["method"] != "rtn"]
+        sli_cal = [r for r in here if r["system"] == "sli" and not r["method"].startswith("rtn")]
         rtn = next((r for r in here if r["system"] == "sli" and r["method"] == "rtn"), None)
         peers = [r for r in here if r["system"] == "llm-compressor"]
         if not sli_cal:
@@ -145,9 +146,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> str:
         loss = _loss(r, ref)
         if loss is None:
             continue
-        k = (r["system"], r["method"])
+        k = (r["system"], r["method"].split(":")[0])
         color, marker = styles.get(k, ("black", "x"))
-        name = label(r).rsplit(" int", 1)[0] if k != ("sli", "target-loss") else label(r)
+        name = label(r).split(" int", 1)[0] + (" permuted" if ":" in r["method"] else "") if k != ("sli", "target-loss") else label(r)
         ax.scatter([r["bits_all"]], [loss], color=color, marker=marker, s=120 if marker == "*" else 40,
                    label=name if name not in seen else None, zorder=3)
         seen.add(name)

@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calibration-seqlen", type=int, default=512, help="--quality: tokens per calibration sequence")
     b.add_argument("--eval-tokens", type=int, default=2048, help="--quality: held-out tokens scored")
     b.add_argument("--grid", default=None, help="--quality: e.g. int4-g64,int4-g64-sym,int3-g64 (default: int4 g32/64/128, both grids; int3 g64)")
-    b.add_argument("--methods", default=None, help="--quality: sli's methods (default rtn,gptq,awq,awq+gptq)")
+    b.add_argument("--methods", default=None,
+                   help="--quality: sli's methods (default rtn,gptq,awq,awq+gptq,rtn:weight,gptq:activation; ':order' permutes channels)")
     b.add_argument("--quality-peers", default=None, help="--quality: llmcompressor-gptq,llmcompressor-awq,bnb-nf4 (the default)")
     b.add_argument("--bench-target-loss", type=float, default=2.0, help="--quality: the --target-loss point (0 leaves it out)")
     b.add_argument("--scale-model", default="", help="--quality: the 1 B model for time and memory (default $SLI_HOME/scale-1b/llama-1b-shape; none: skip)")

@@ -66,6 +66,7 @@ _MODE_CODECS = {
     QuantizationMode.NF4: {CodecName.NF4.value},
     QuantizationMode.FP4: {CodecName.FP4.value},
     QuantizationMode.INT4: {CodecName.INT4_GROUP.value},
+    QuantizationMode.INT3: {CodecName.INT3_GROUP.value},
     QuantizationMode.INT2: {CodecName.INT2_GROUP.value},
 }
 

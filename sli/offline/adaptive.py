@@ -34,6 +34,7 @@ FFN_MARKERS = ("ffn", "mlp", "feedforward", "fc")
 # one step up in precision, for the attention layers of an adaptive plan
 PRECISION_UPGRADE = {
     QuantizationMode.INT2: QuantizationMode.INT8,
+    QuantizationMode.INT3: QuantizationMode.INT8,
     QuantizationMode.INT4: QuantizationMode.INT8,
     QuantizationMode.FP4: QuantizationMode.INT8,
     QuantizationMode.NF4: QuantizationMode.INT8,

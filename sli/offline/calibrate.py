@@ -186,10 +186,13 @@ class CalibratedBuilder:
         for groups in passes:
             stats = self.walker.collect(i, x, groups, hessian=self.calib.method.gptq) if need_stats and groups else {}
             for group in groups:
+                group_stats = stats.pop(group[0], None)  # freed once the group is quantized
+                for n in group[1:]:
+                    stats.pop(n, None)
                 for names_together in self._together(prefix, layer, group):
                     done = self._quantize_linears([f"{prefix}.{n}.weight" for n in names_together],
                                                   [layer.get_submodule(n).weight.detach() for n in names_together],
-                                                  [src[f"{prefix}.{n}.weight"] for n in names_together], stats.get(names_together[0]))
+                                                  [src[f"{prefix}.{n}.weight"] for n in names_together], group_stats)
                     for n, (enc, wq, errs) in zip(names_together, done):
                         full = f"{prefix}.{n}.weight"
                         mod = layer.get_submodule(n)
@@ -199,7 +202,7 @@ class CalibratedBuilder:
                         encodings[full] = (enc, self._stats(w, wq, enc, src[full]))
                         if errs is not None:
                             gptq_errors[full] = errs
-            del stats
+                del group_stats
         if gptq_errors:
             record["gptq"] = gptq_errors
         # what the group stores: the source bytes where nothing changed them, AWQ's folds in float32
