@@ -9,6 +9,7 @@ sli's: it imports nothing of sli.
         --group-size 64 [--symmetric] --ids calib.pt --out DIR
 
 - ``--ids``: a torch file holding the ``[N, L]`` token ids sli calibrates on (the same samples).
+- On a CPU-only torch, llm-compressor's AWQ needs one workaround (:func:`cpu_workarounds`).
 - The recipe: int weights in groups, targets ``Linear``, ``lm_head`` ignored, llm-compressor's
   defaults otherwise (GPTQ: block 128, dampening 0.01, static act-order; AWQ: duo scaling,
   20 grid points, followed by round to nearest on its grid).
@@ -76,7 +77,19 @@ def recipe(method: str, bits: int, group: int, symmetric: bool):
     return [AWQModifier(), QuantizationModifier(config_groups=scheme(bits, group, symmetric), ignore=["lm_head"])]
 
 
-def dequantized_state(model) -> dict[str, torch.Tensor]:
+def cpu_workarounds() -> list[str]:
+    """llm-compressor 0.14's AWQ pins its cached intermediates (``Tensor.pin_memory``), which
+    raises on a CPU-only torch ("Cannot access accelerator device"). Pinning only speeds
+    copies to a GPU; on the CPU it is made a no-op, nothing else changes."""
+    from llmcompressor.pipelines import cache
+
+    if torch.cuda.is_available() or not hasattr(cache.IntermediatesCache, "pin_memory"):
+        return []
+    cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    return ["IntermediatesCache.pin_memory is a no-op (CPU-only torch)"]
+
+
+def dequantized_state(model, method: str) -> dict[str, torch.Tensor]:
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     quant_params = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
@@ -86,8 +99,17 @@ def dequantized_state(model) -> dict[str, torch.Tensor]:
         if args is None or not hasattr(mod, "weight_scale"):
             continue
         g_idx = getattr(mod, "weight_g_idx", None)
-        out[f"{name}.weight"] = fake_quantize(mod.weight.detach(), mod.weight_scale, getattr(mod, "weight_zero_point", None), args,
-                                              g_idx=g_idx).to(torch.float32)
+        if g_idx is not None and g_idx.numel() and not torch.equal(g_idx, torch.arange(g_idx.numel(), device=g_idx.device) // args.group_size):
+            raise SystemExit(f"{name}: groups are not contiguous (act-order 'group'); this script reads static groups only")
+        dq = fake_quantize(mod.weight.detach(), mod.weight_scale, getattr(mod, "weight_zero_point", None), args)
+        # GPTQ leaves each weight fake-quantized in place: the two must agree (after AWQ the weight is the
+        # scaled float one, and this is its rounding)
+        if method == "gptq" and not torch.allclose(dq.float(), mod.weight.detach().float(), atol=1e-6, rtol=0):
+            raise SystemExit(f"{name}: fake_quantize of the stored scale and zero point differs from the weight oneshot left")
+        levels = max(len(torch.unique(g)) for g in dq.float().reshape(dq.shape[0], -1, args.group_size)[:4].reshape(-1, args.group_size))
+        if levels > 2 ** args.num_bits:
+            raise SystemExit(f"{name}: a group holds {levels} levels, more than {2 ** args.num_bits}")
+        out[f"{name}.weight"] = dq.to(torch.float32)
     for k, v in model.state_dict().items():
         if k.rsplit(".", 1)[-1] in quant_params or k in out:
             continue
@@ -119,6 +141,7 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    workarounds = cpu_workarounds()
     torch.manual_seed(0)
     ids = torch.load(a.ids)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -133,9 +156,9 @@ def main() -> None:
         seconds = time.perf_counter() - t1
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.no_weights:
-        save_file(dequantized_state(model), str(a.out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(dequantized_state(model, a.method), str(a.out / "model.safetensors"), metadata={"format": "pt"})
     res = {"seconds": seconds, "load_seconds": t_load, "peak_rss_bytes": peak.peak - peak.base, "samples": list(ids.shape),
-           "threads": torch.get_num_threads(),
+           "threads": torch.get_num_threads(), "workarounds": workarounds,
            "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
                         "transformers": transformers.__version__, "torch": torch.__version__}}
     (a.out / "result.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -274,9 +274,9 @@ def cmd_bench_quality(a: argparse.Namespace) -> int:
     cfg = QualityBenchConfig(model=str(resolve_model(a.model)), out_dir=a.out if a.out != "bench-results" else "docs/results",
                              work_dir=a.workdir or "", samples=a.calibration_samples, seqlen=a.calibration_seqlen,
                              eval_tokens=a.eval_tokens, target_loss=a.bench_target_loss or None)
-    if a.grid:
+    if a.grid is not None:
         cfg.grid = tuple(x for x in a.grid.split(",") if x)
-    if a.methods:
+    if a.methods is not None:
         cfg.methods = tuple(x for x in a.methods.split(",") if x)
     if a.quality_peers is not None:
         cfg.peers = tuple(x for x in a.quality_peers.split(",") if x)

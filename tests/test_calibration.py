@@ -38,13 +38,15 @@ def _records(store, vid):
             (t2 for g in store.require_manifest(vid).groups for t in g.tensors for t2 in t.record_names())}
 
 
-@pytest.mark.parametrize("model_type,method,mode,gs", [
-    ("llama", "gptq", "int4", 16), ("qwen2", "awq", "int4", 32), ("gemma", "awq+gptq", "int3", 16), ("mistral", "gptq", "int8_dynamic", 64),
+@pytest.mark.parametrize("model_type,method,mode,gs,permute", [
+    ("llama", "gptq", "int4", 16, "none"), ("qwen2", "awq", "int4", 32, "none"), ("gemma", "awq+gptq", "int3", 16, "none"),
+    ("mistral", "gptq", "int8_dynamic", 64, "none"), ("llama", "gptq", "int4", 16, "activation"), ("qwen2", "awq", "int4", 16, "weight"),
 ])
-def test_calibrated_cache_streams_like_transformers_on_its_dequantized_weights(tmp_path, tiny_root, calib_text, model_type, method, mode, gs):
+def test_calibrated_cache_streams_like_transformers_on_its_dequantized_weights(tmp_path, tiny_root, calib_text, model_type, method, mode, gs,
+                                                                              permute):
     path = make_tiny_model(tiny_root, model_type, layers=2)
     # [] quantizes the head and embeddings too: the untied head then goes through GPTQ on the final norm's output
-    plan = QuantizationConfig(mode=mode, group_size=gs, llm_int8_skip_modules=[], calibration=_cal(calib_text, method))
+    plan = QuantizationConfig(mode=mode, group_size=gs, llm_int8_skip_modules=[], calibration=_cal(calib_text, method), permute=permute)
     with LayerStore(tmp_path / "c") as st:
         report = quantize_model(open_source(path), plan, st, progress=False)
         m = st.require_manifest(report.variant_id)
@@ -56,6 +58,8 @@ def test_calibrated_cache_streams_like_transformers_on_its_dequantized_weights(t
         if method.startswith("awq"):
             assert all(len(g.extra["calibration"]["awq"]) >= 3 for g in layers)
         assert m.extra["calibration"]["method"] == method and not (tmp_path / "c" / "calibration").exists()  # files removed
+        if permute != "none":  # channels reordered before grouping, the order stored with the record
+            assert all(t.params.get("permuted") for g in layers for t in g.tensors if t.codec == "int4_group")
         ref = dequantized_reference(path, st, report.variant_id)
         sm = StreamingModel(st, report.variant_id, memory_budget=1 << 40, dtype=torch.float32)
         ids = torch.randint(4, 300, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -93,6 +93,7 @@ class CalibratedBuilder:
         self.walker = Walker(self.config, self.arch, calib.seqlen)
         shape = (self.ids.shape[0], calib.seqlen, int(self.config.hidden_size))
         self.acts = ActivationStore(store.path, vid, shape, memory_budget=memory_budget)
+        self._said: set[str] = set()
         self.summary: dict[str, Any] = {"activation_bytes": self.acts.nbytes, "spilled": self.acts.spilled,
                                         "micro_batch": self.walker.micro_batch}
 
@@ -101,6 +102,18 @@ class CalibratedBuilder:
         choice = self.plan.choose(name, w)
         require_bitsandbytes(choice.codec)
         return choice
+
+    def embed_quantize(self, name: str, piece: torch.Tensor):
+        """The embeddings' group, round to nearest: embedding rows are looked up, not
+        multiplied, so there is no activation to order their columns by; a plan asking for
+        ``permute="activation"`` stores them in their own order (said in the log)."""
+        choice = self.plan.choose(name, piece)
+        if choice.params.get("permute") == ChannelOrder.ACTIVATION.value:
+            if name not in self._said:
+                logger.info("%s: looked up, not multiplied: no activation order, columns kept in place", name)
+                self._said.add(name)
+            choice = CodecChoice(choice.codec, {k: v for k, v in choice.params.items() if k != "permute"})
+        return self.quantizer.quantize_tensor(name, piece, choice=choice)
 
     def _embedding_rows(self):
         """token ids -> their rows as stored (decoded from the committed embedding records)."""
@@ -347,7 +360,7 @@ def build_calibrated(builder: CalibratedBuilder, order: list[str], todo: list[st
                disable=not builder.progress)
     try:
         if EMBED_GROUP in todo_set:
-            put_group(EMBED_GROUP, builder.source.read, builder.quantizer.quantize_tensor, {})
+            put_group(EMBED_GROUP, builder.source.read, builder.embed_quantize, {})
             bar.update()
         sync()  # the first layer's inputs come from the stored embeddings
         first = next((k for k, g in enumerate(order) if g in todo_set and g != EMBED_GROUP), None)
