@@ -177,3 +177,22 @@ def test_too_short_a_text_and_a_changed_text_are_errors(tmp_path, tiny_root, cal
     p.write_text("word5 " * 3000)
     with pytest.raises(ValueError, match="the file changed"):
         calibration_set(cfg, tok)
+
+
+def test_a_calibrated_int4_cache_runs_on_the_packed_kernel(tmp_path, tiny_root, calib_text):
+    """GPTQ writes the same grid the packed int4 kernel reads: the bf16 streaming model runs the
+    calibrated layers packed, and agrees with the float32 dequantizing path."""
+    path = make_tiny_model(tiny_root, "llama", layers=2)
+    plan = QuantizationConfig(mode="int4", group_size=32, calibration=_cal(calib_text))
+    ids = torch.randint(4, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    with LayerStore(tmp_path / "c") as st:
+        vid = quantize_model(open_source(path), plan, st, progress=False).variant_id
+    with LayerStore(tmp_path / "c", readonly=True) as st:
+        packed = StreamingModel(st, vid, memory_budget=1 << 40, dtype=torch.bfloat16)
+        assert len(packed.packed) == 2 * 7  # every projection of both layers
+        a = packed.logits(ids)
+        packed.close()
+        exact = StreamingModel(st, vid, memory_budget=1 << 40, dtype=torch.float32)
+        b = exact.logits(ids)
+        exact.close()
+    assert float((a - b).norm() / b.norm()) < 0.05  # bf16 activations and scales against float32
