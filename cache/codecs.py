@@ -7,8 +7,8 @@ name stored in every record header, never guessed from tensor names.
 Library use: the LLM.int8 and 4-bit NF4/FP4 codecs are bitsandbytes' own quantizers
 (``int8_vectorwise_quant``, ``quantize_4bit``/``dequantize_4bit``), which run on CPU.
 Written here: the per-channel int8 codec (the layout torch's ``_weight_int8pack_mm``
-consumes) and the group-wise int4/int2 codecs (asymmetric, one scale and one offset per
-group), because no maintained library ships a CPU round trip for them.
+consumes) and the group-wise int4/int3/int2 codecs (one scale and one offset per group, the
+grid of :mod:`cache.grid`), because no maintained library ships a CPU round trip for them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cache.grid import PLANES, columns_multiple, group_grid, inverse_permutation, pack_codes, quantize_codes, unpack_codes
 from cache.record import EncodedTensor, dtype_from_name, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class CodecName(str, Enum):
     INT8_CHANNEL = "int8_channel"  # symmetric per-output-channel int8
     NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
     FP4 = "fp4"  # bitsandbytes 4-bit float
-    INT4_GROUP = "int4_group"  # asymmetric group-wise 4-bit, two per byte
+    INT4_GROUP = "int4_group"  # group-wise 4-bit, two per byte
+    INT3_GROUP = "int3_group"  # group-wise 3-bit: a 2-bit and a 1-bit plane
     INT2_GROUP = "int2_group"  # asymmetric group-wise 2-bit, four per byte
 
 
@@ -106,6 +108,11 @@ class Codec(ABC):
         dtype. Codecs override it to measure while encoding."""
         enc = self.encode(w, **params)
         return enc, tensor_error(w, self.decode(enc, torch.float32))
+
+    def fake_quantize(self, w: torch.Tensor, **params: Any) -> torch.Tensor:
+        """``decode(encode(w, **params), float32)``: what the codec would store, as float32
+        weights (searches such as AWQ's call this many times; codecs skip the packing)."""
+        return self.decode(self.encode(w, **params), torch.float32)
 
     def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
         """Rebuild the tensor into ``out`` (its shape, any float dtype); returns ``out``.
@@ -359,58 +366,151 @@ class BnB4BitCodec(Codec):
 
 
 class GroupIntCodec(Codec):
-    """Asymmetric group-wise integer codec along the last dim: for each group of
-    ``group_size`` weights, ``w ≈ q * scale + offset`` with q in [0, 2**bits - 1].
-    Values are packed ``8 // bits`` per byte in a planar layout (byte j of a row holds codes
-    j, j + w, ... at bit offsets 0, bits, ...; w = padded columns / codes per byte). Rows are
-    padded to a multiple of the group size (padding is dropped on decode)."""
+    """Group-wise integer codec along the last dim: for each group of ``group_size`` weights,
+    ``w ≈ q * scale + offset`` with q in [0, 2**bits - 1] and fp16 ``scale`` and ``offset``.
+    The grid (asymmetric with an integer zero point, or symmetric) and the bit-plane packing
+    are :mod:`cache.grid`'s. Rows are padded to a multiple of the group size (padding is
+    dropped on decode).
+
+    Optional channel permutation: with ``perm`` (or ``permute="weight"``: columns by
+    decreasing L2 norm) the columns are reordered before grouping, so a group holds channels
+    of like magnitude; stored column ``i`` is original column ``perm[i]``, the permutation is
+    a part of the record (``perm``, int32) and decoding puts the columns back in place.
+    """
 
     def __init__(self, bits: int, name: CodecName) -> None:
         self.bits = bits
         self.name = name
-        self.per_byte = 8 // bits
         self.levels = (1 << bits) - 1
+        self.multiple = columns_multiple(bits)
+        self.single_plane = len(PLANES[bits]) == 1
+        self.per_byte = 8 // bits if self.single_plane else None
 
-    def encode(self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, **_: Any) -> EncodedTensor:
+    def _check_group(self, group_size: int) -> None:
+        if group_size <= 0 or group_size % self.multiple:
+            raise ValueError(f"group_size must be a positive multiple of {self.multiple}, got {group_size}")
+
+    @staticmethod
+    def _params(group_size: int, bits: int, symmetric: bool, permuted: bool) -> dict[str, Any]:
+        params = {"group_size": group_size, "bits": bits, "layout": "planar", "symmetric": bool(symmetric)}
+        if permuted:
+            params["permuted"] = True  # the record holds a ``perm`` part; the packed int4 kernel does not take it
+        return params
+
+    def _perm(self, w: torch.Tensor, perm: torch.Tensor | None, permute: str | None) -> torch.Tensor | None:
+        if permute not in (None, "none", "weight"):
+            raise ValueError(f"permute={permute!r}: the codec orders columns by 'weight' L2 norm; pass perm= for other orders")
+        if perm is None and permute == "weight":
+            perm = torch.argsort(w.float().norm(dim=0), descending=True, stable=True)
+        if perm is not None:
+            perm = perm.to(torch.int32).contiguous()
+            if perm.numel() != w.shape[1] or not torch.equal(torch.sort(perm).values, torch.arange(w.shape[1], dtype=torch.int32)):
+                raise ValueError(f"perm must be a permutation of the {w.shape[1]} columns")
+        return perm
+
+    def encode(
+        self,
+        w: torch.Tensor,
+        *,
+        group_size: int = 128,
+        scale_dtype=torch.float16,
+        symmetric: bool = False,
+        perm: torch.Tensor | None = None,
+        permute: str | None = None,
+        **_: Any,
+    ) -> EncodedTensor:
         self._check_2d(w)
-        if group_size <= 0 or group_size % self.per_byte:
-            raise ValueError(f"group_size must be a positive multiple of {self.per_byte}, got {group_size}")
+        self._check_group(group_size)
+        perm = self._perm(w, perm, permute)
+        rows, cols = w.shape
+        ngroups = -(-cols // group_size)
+        pad = ngroups * group_size - cols
+        w32 = w.float() if perm is None else w.float()[:, perm.long()]
+        if pad:
+            # pad with the row's first value so padding never widens a group's range
+            w32 = torch.cat([w32, w32[:, :1].expand(rows, pad)], dim=1)
+        g = w32.reshape(rows, ngroups, group_size)  # [rows, groups, group_size]
+        # the stored (rounded) statistics are what the encoder uses, exactly as the decoder will
+        scale, offset = group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        q = quantize_codes(g, scale[..., None], offset[..., None], self.bits).to(torch.uint8).reshape(rows, -1)
+        return self._encoded(q, scale, offset, w, group_size, symmetric, perm)
+
+    def fake_quantize(self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, symmetric: bool = False,
+                      perm: torch.Tensor | None = None, permute: str | None = None, **_: Any) -> torch.Tensor:
+        """:meth:`encode` then :meth:`decode` to float32, without packing the codes (the same numbers)."""
+        if perm is not None or permute not in (None, "none"):
+            return super().fake_quantize(w, group_size=group_size, symmetric=symmetric, perm=perm, permute=permute)
+        self._check_2d(w)
+        self._check_group(group_size)
         rows, cols = w.shape
         ngroups = -(-cols // group_size)
         pad = ngroups * group_size - cols
         w32 = w.float()
         if pad:
-            # pad with the row's first value so padding never widens a group's range
             w32 = torch.cat([w32, w32[:, :1].expand(rows, pad)], dim=1)
-        g = w32.reshape(rows, ngroups, group_size)  # [rows, groups, group_size]
-        lo = g.amin(dim=2)
-        hi = g.amax(dim=2)
-        scale = ((hi - lo) / self.levels).clamp_min(1e-8)
-        # round the stored statistics first so the encoder uses exactly what the decoder will
-        scale = scale.to(scale_dtype)
-        lo = lo.to(scale_dtype)
-        q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp_(0, self.levels).to(torch.uint8)
-        params = {"group_size": group_size, "bits": self.bits, "layout": "planar"}
-        # planar layout: byte j of a row holds codes j, j + w, j + 2w ... (w = cols_padded / per_byte),
-        # so decoding writes contiguous runs instead of interleaving
-        q = q.reshape(rows, self.per_byte, -1)  # [rows, per_byte, cols_padded / per_byte]
-        packed = torch.zeros(rows, q.shape[2], dtype=torch.uint8)
-        for i in range(self.per_byte):
-            packed |= q[:, i, :] << (i * self.bits)
-        parts = {"packed": packed.contiguous(), "scale": scale.contiguous(), "offset": lo.contiguous()}
-        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
+        g = w32.reshape(rows, ngroups, group_size)
+        scale, offset = group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        sf, of = scale.float()[..., None], offset.float()[..., None]
+        return torch.addcmul(of, quantize_codes(g, scale[..., None], offset[..., None], self.bits), sf).reshape(rows, -1)[:, :cols]
+
+    def encode_codes(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        like: torch.Tensor,
+        *,
+        group_size: int,
+        symmetric: bool = False,
+        perm: torch.Tensor | None = None,
+    ) -> EncodedTensor:
+        """A record from codes chosen elsewhere (GPTQ): ``q`` ``[rows, cols]`` on the grid of
+        ``scale``/``offset`` ``[rows, groups]``, columns in stored order (``perm`` applied);
+        ``like`` gives the original shape and dtype."""
+        self._check_group(group_size)
+        rows, cols = like.shape
+        ngroups = -(-cols // group_size)
+        if tuple(q.shape) != (rows, cols) or tuple(scale.shape) != (rows, ngroups) or scale.shape != offset.shape:
+            raise ValueError(f"codes {tuple(q.shape)} and scales {tuple(scale.shape)} do not fit a {rows}x{cols} weight in groups of {group_size}")
+        q = q.to(torch.uint8)
+        if ngroups * group_size > cols:
+            q = torch.cat([q, torch.zeros(rows, ngroups * group_size - cols, dtype=torch.uint8)], dim=1)
+        if perm is not None:
+            perm = perm.to(torch.int32).contiguous()
+        return self._encoded(q, scale, offset, like, group_size, symmetric, perm)
+
+    def _encoded(self, q, scale, offset, like, group_size, symmetric, perm) -> EncodedTensor:
+        parts = pack_codes(q, self.bits)
+        parts["scale"] = scale.contiguous()
+        parts["offset"] = offset.contiguous()
+        if perm is not None:
+            parts["perm"] = perm
+        params = self._params(group_size, self.bits, symmetric, perm is not None)
+        return EncodedTensor(self.name.value, tuple(like.shape), dtype_name(like.dtype), parts, params)
 
     def encode_measured(
-        self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, chunk_elems: int = 1 << 20, **_: Any
+        self,
+        w: torch.Tensor,
+        *,
+        group_size: int = 128,
+        scale_dtype=torch.float16,
+        symmetric: bool = False,
+        perm: torch.Tensor | None = None,
+        permute: str | None = None,
+        chunk_elems: int = 1 << 20,
+        **_: Any,
     ) -> tuple[EncodedTensor, dict[str, float]]:
         """:meth:`encode` and the error of the float32 dequantized weights, in one pass over
         row chunks of about ``chunk_elems`` elements with reused buffers: the same bytes as
         :meth:`encode`, at a fraction of its memory traffic (quantizing an 8 B model is
-        bound by this loop). Rows that need padding take :meth:`encode`'s path."""
+        bound by this loop). Rows that need padding, permuted columns and several bit planes
+        take :meth:`encode`'s path."""
         self._check_2d(w)
         rows, cols = w.shape
-        if group_size <= 0 or group_size % self.per_byte or cols % group_size or not w.is_floating_point():
-            return super().encode_measured(w, group_size=group_size, scale_dtype=scale_dtype)
+        kw = dict(group_size=group_size, scale_dtype=scale_dtype, symmetric=symmetric, perm=perm, permute=permute)
+        if (group_size <= 0 or group_size % self.multiple or cols % group_size or not w.is_floating_point()
+                or not self.single_plane or perm is not None or permute not in (None, "none")):
+            return super().encode_measured(w, **kw)
         ngroups, width = cols // group_size, cols // self.per_byte
         step = max(1, min(rows, chunk_elems // cols))
         x = torch.empty(step, ngroups, group_size)  # the chunk in float32
@@ -426,16 +526,15 @@ class GroupIntCodec(Codec):
             n = min(step, rows - r0)
             xs, ts, qs = x[:n], t[:n], q[:n]
             xs.copy_(w[r0 : r0 + n].view(n, ngroups, group_size))
-            lo, hi = torch.aminmax(xs, dim=2)
-            scale = hi.sub_(lo).div_(self.levels).clamp_min_(1e-8).to(scale_dtype)  # stored statistics, rounded first
-            off = lo.to(scale_dtype)
+            scale, off = group_grid(xs, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)  # stored statistics
             scale_out[r0 : r0 + n] = scale
             offset_out[r0 : r0 + n] = off
             sf, of = scale.float().unsqueeze(2), off.float().unsqueeze(2)
             torch.sub(xs, of, out=ts).div_(sf)
             torch.round(ts, out=qs).clamp_(0, self.levels)
             sq_ref += float(torch.linalg.vector_norm(xs)) ** 2
-            ts.sub_(qs).mul_(sf)  # x - dequantized
+            # x - dequantized, computed as the decoder computes the weight (q * scale + offset)
+            ts.copy_(qs).mul_(sf).add_(of).sub_(xs)
             sq_err += float(torch.linalg.vector_norm(ts)) ** 2
             max_abs = max(max_abs, float(ts.abs_().amax()))
             c = codes[:n]
@@ -445,9 +544,8 @@ class GroupIntCodec(Codec):
             b.copy_(planes[:, 0])
             for i in range(1, self.per_byte):
                 b.bitwise_or_(torch.bitwise_left_shift(planes[:, i], i * self.bits, out=shifted[:n]))
-        params = {"group_size": group_size, "bits": self.bits, "layout": "planar"}
         parts = {"packed": packed, "scale": scale_out, "offset": offset_out}
-        enc = EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, params)
+        enc = EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), parts, self._params(group_size, self.bits, symmetric, False))
         mse, ref = sq_err / w.numel(), sq_ref / w.numel()
         return enc, {"rel_mse": mse / ref if ref > 0 else (0.0 if mse == 0 else float("inf")), "max_abs_err": max_abs}
 
@@ -456,19 +554,23 @@ class GroupIntCodec(Codec):
             raise ValueError(f"{self.name.value} record has layout {enc.params.get('layout')!r}; this sli reads 'planar' only")
 
     def unpack(self, enc: EncodedTensor, rows: slice | None = None) -> torch.Tensor:
-        """Return the integer codes ``[rows, cols_padded]`` as uint8 (``rows``: a slice of them)."""
+        """Return the integer codes ``[rows, cols_padded]`` as uint8 (``rows``: a slice of them),
+        columns in stored order (permuted when the record holds ``perm``)."""
         self._check_layout(enc)
-        packed = enc.parts["packed"] if rows is None else enc.parts["packed"][rows]
-        return torch.cat([(packed >> (i * self.bits)) & self.levels for i in range(self.per_byte)], dim=1)
+        return unpack_codes(enc.parts, self.bits, rows)
 
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
         rows, cols = enc.shape
         gs = enc.params["group_size"]
         q = self.unpack(enc).float().reshape(rows, -1, gs)
-        w = q * enc.parts["scale"].float()[..., None] + enc.parts["offset"].float()[..., None]
-        return w.reshape(rows, -1)[:, :cols].to(dtype)
+        w = (q * enc.parts["scale"].float()[..., None] + enc.parts["offset"].float()[..., None]).reshape(rows, -1)[:, :cols]
+        if "perm" in enc.parts:
+            w = w.index_select(1, inverse_permutation(enc.parts["perm"]).long())
+        return w.to(dtype)
 
     def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.single_plane or "perm" in enc.parts:
+            return out.copy_(self.decode(enc, out.dtype))
         rows, cols = enc.shape
         gs = enc.params["group_size"]
         packed = enc.parts["packed"]
@@ -500,6 +602,7 @@ _CODECS: dict[CodecName, Codec] = {
     CodecName.NF4: BnB4BitCodec("nf4"),
     CodecName.FP4: BnB4BitCodec("fp4"),
     CodecName.INT4_GROUP: GroupIntCodec(4, CodecName.INT4_GROUP),
+    CodecName.INT3_GROUP: GroupIntCodec(3, CodecName.INT3_GROUP),
     CodecName.INT2_GROUP: GroupIntCodec(2, CodecName.INT2_GROUP),
 }
 

@@ -12,7 +12,9 @@ from cache.record import RECORD_FORMAT_VERSION
 # 2: vocabulary-sized tensors stored in row chunks
 # 3: int4 records only in the portable planar layout (format 2 could hold torch's AVX2 pack,
 #    which other CPUs read wrongly); tensor entries carry their codec's parameters
-STORE_FORMAT_VERSION = 3
+# 4: record format 3 (integer zero points, int3, permutations); calibrated variants keep each
+#    layer's calibration record (the next layer's inputs, AWQ and GPTQ figures) in its group entry
+STORE_FORMAT_VERSION = 4
 
 # Group names: the units written in one transaction and streamed as one. Part of the format.
 EMBED_GROUP = "embed"  # token embeddings and whatever runs before the first layer

@@ -25,7 +25,10 @@ import zstandard
 from cache.errors import CacheFormatError, CorruptRecordError
 
 RECORD_MAGIC = b"SLIR"
-RECORD_FORMAT_VERSION = 2  # 2: int4 codes only in the portable planar layout
+# 2: int4 codes only in the portable planar layout
+# 3: group codes on a grid with an integer zero point (or symmetric), int3 in two bit planes,
+#    an optional column permutation part; version 2 readers would take these records as valid
+RECORD_FORMAT_VERSION = 3
 _PREFIX = struct.Struct("<4sII")  # magic, header_len, header_crc
 
 # zstd is kept only when it saves at least this share of the raw bytes. Streamed records are

@@ -551,12 +551,25 @@ class LayerStore:
 def _quantize_command(source: str, quant: dict[str, Any], cache: str) -> str:
     """`sli quantize` for a stored quantization dict (a plain config or an adaptive one)."""
     cmd = f"sli quantize {shlex.quote(source)}"
-    if quant.get("kind") == "adaptive":
+    planned = quant.get("planned") or {}
+    if quant.get("kind") == "adaptive" and planned.get("target_loss") is not None:
+        cmd += f" --target-loss {planned['target_loss']:g}"
+    elif quant.get("kind") == "adaptive":
         cmd += " --mixed"
     else:
         cmd += f" --mode {quant.get('mode', 'nf4')}"
-        if quant.get("mode") in ("int4", "int2") and quant.get("group_size"):
+        if quant.get("mode") in ("int4", "int3", "int2") and quant.get("group_size"):
             cmd += f" --group-size {quant['group_size']}"
+        if quant.get("symmetric"):
+            cmd += " --symmetric"
+        if quant.get("permute") not in (None, "none"):
+            cmd += f" --permute {quant['permute']}"
+    cal = quant.get("calibration")
+    if isinstance(cal, dict):
+        cmd += f" --calibrate {cal.get('method')} --calibration-samples {cal.get('samples')} --calibration-seqlen {cal.get('seqlen')}"
+        if cal.get("text"):
+            cmd += f" --calibration-text {shlex.quote(str(cal['text']))}"
+        cmd += " --act-order" if cal.get("act_order") else " --no-act-order"
     return f"{cmd} --cache {cache}"
 
 

@@ -87,8 +87,8 @@ class Int4CpuKernel:
     @classmethod
     def eligible(cls, shape: list[int] | tuple[int, ...], params: dict) -> bool:
         """Whether an ``int4_group`` tensor of this shape and codec parameters can run packed."""
-        if len(shape) != 2 or params.get("bits", 4) != 4:
-            return False
+        if len(shape) != 2 or params.get("bits", 4) != 4 or params.get("permuted"):
+            return False  # a permuted record (its columns reordered before grouping) is dequantized
         n, k = shape
         gs = int(params.get("group_size", 0))
         return gs in cls.GROUP_SIZES and k % gs == 0 and n % 16 == 0

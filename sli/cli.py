@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -16,16 +17,20 @@ from runtime.arch import UnsupportedArchitectureError
 from runtime.cuda import CudaUnavailableError
 from runtime.kernels import KernelError
 from sli.offline.adaptive import AdaptiveQuantizer
-from sli.offline.config import QuantizationConfig, QuantizationMode
+from sli.offline.calibration import CalibrationConfig, CalibrationMethod
+from sli.offline.config import ChannelOrder, QuantizationConfig, QuantizationMode
 from sli.offline.sources import ModelSourceError
 
 _DEFAULTS = QuantizationConfig(mode=QuantizationMode.NF4)
+# the calibration defaults, from the dataclass (an instance would hash the default text at import)
+_CAL = {f.name: f.default for f in dataclasses.fields(CalibrationConfig)}
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model layer by layer into a cache")
     p.add_argument("model", help="model folder, .gguf file, or SmolLM2-135M-Instruct (after `sli fetch-model`)")
-    p.add_argument("--mode", choices=[m.value for m in QuantizationMode], default=_DEFAULTS.mode.value)
+    p.add_argument("--mode", choices=[m.value for m in QuantizationMode], default=None,
+                   help=f"how weights are stored (default {_DEFAULTS.mode.value}; a cache directory given as the model: what it holds)")
     p.add_argument("--cache", default=None, help="cache directory (default $SLI_HOME/cache)")
     p.add_argument("--mixed", action="store_true", help="mixed precision: attention INT8, FFN NF4, others kept")
     p.add_argument(
@@ -35,39 +40,88 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compute-dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
                    help="the plan's compute dtype (overrides the processor's --dtype; the two given at once must agree)")
-    p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size, help="int4/int2 group size")
+    p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size,
+                   help="int4/int3/int2 group size (a width that is not a multiple of it ends in one narrower group)")
+    p.add_argument("--symmetric", action="store_true", help="int4/int3/int2: symmetric grid (default: asymmetric, integer zero point)")
+    p.add_argument("--permute", choices=[o.value for o in ChannelOrder], default=None,
+                   help="int4/int3/int2: order input channels before grouping, by weight L2 norm or calibration activation scale")
+    p.add_argument("--calibrate", choices=[m.value for m in CalibrationMethod], default=None,
+                   help="calibrated quantization: GPTQ, AWQ scales folded into the model, or both (layer by layer)")
+    p.add_argument("--calibration-text", default=None,
+                   help="calibration text: plain text, or JSONL with a 'text' field (default: stdlib docstrings shipped with sli)")
+    p.add_argument("--calibration-samples", type=int, default=_CAL["samples"], help="calibration sequences")
+    p.add_argument("--calibration-seqlen", type=int, default=_CAL["seqlen"], help="tokens per calibration sequence")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by decreasing activation energy, groups kept static (default: on)")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="percent perplexity loss allowed on a held-out slice of the calibration text: each tensor gets the "
+                        "fewest bits (calibrated int3/int4 groups, int8, or kept) that stay under it")
     p.add_argument("--threshold", type=float, default=_DEFAULTS.llm_int8_threshold, help="int8 outlier threshold")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: no double quantization")
     p.add_argument("--target-bits", type=float, default=None,
                    help="mixed precision chosen by measured salience, to this average bits per weight (e.g. 4.5)")
     p.add_argument("--compress-level", type=int, default=3, help="zstd level, 0 disables")
+    p.add_argument("--memory-budget", default=None,
+                   help="calibration: activations that do not fit spill to the cache directory (e.g. 2GiB, or auto)")
     p.add_argument("--validate-memory", action="store_true", help="fail unless every quantized tensor shrank; report the reduction")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _calibration_from_args(a: argparse.Namespace) -> CalibrationConfig | None:
+    method = getattr(a, "calibrate", None)
+    if method is None:
+        for flag, given in (("--calibration-text", a.calibration_text is not None), ("--act-order", a.act_order is not None),
+                            ("--calibration-samples", a.calibration_samples != _CAL["samples"]),
+                            ("--calibration-seqlen", a.calibration_seqlen != _CAL["seqlen"])):
+            if given:
+                raise ValueError(f"{flag} applies to calibrated quantization: add --calibrate gptq (or awq, awq+gptq)")
+        return None
+    return CalibrationConfig(method=method, text=a.calibration_text, samples=a.calibration_samples,
+                             seqlen=a.calibration_seqlen, act_order=_CAL["act_order"] if a.act_order is None else a.act_order)
+
+
+def _plan_given(a: argparse.Namespace) -> bool:
+    """Whether the command line says how to quantize (else a cache directory opens what it holds)."""
+    return bool(a.mode or a.mixed or getattr(a, "calibrate", None) or getattr(a, "target_bits", None)
+                or getattr(a, "target_loss", None) or a.skip is not None or a.symmetric or a.permute)
+
+
 def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuantizer:
     skip = None if a.skip is None else [s for s in a.skip.split(",") if s.strip()]
+    calibration = _calibration_from_args(a)
     if a.mixed:
         return AdaptiveQuantizer(
             base_config=QuantizationConfig(mode=QuantizationMode.NF4),
             attention_config=QuantizationConfig(mode=QuantizationMode.INT8),
             skip_modules=skip,
             compute_dtype=a.compute_dtype,
+            calibration=calibration,
         )
     return QuantizationConfig(
-        mode=QuantizationMode(a.mode),
+        mode=QuantizationMode(a.mode or _DEFAULTS.mode.value),
         compute_dtype=a.compute_dtype,
         double_quant=not a.no_double_quant,
         llm_int8_threshold=a.threshold,
         llm_int8_skip_modules=skip,
         group_size=a.group_size,
+        symmetric=a.symmetric,
+        permute=a.permute or "none",
+        calibration=calibration,
     )
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    proc = _processor(a, compress_level=a.compress_level, progress=True)
+    proc = _processor(a, compress_level=a.compress_level, progress=True, memory_budget=a.memory_budget)
     report = proc.quantize(validate_memory=a.validate_memory)
     s = report.summary()
+    sp = getattr(proc, "salience", None)
+    if sp is not None and sp.target_loss is not None:
+        # what the plan measured, and what the built cache measures on the same held-out text
+        s["target_loss_pct"] = sp.target_loss
+        s["planned_loss_pct"] = round(sp.loss, 3)
+        s["heldout_loss_pct"] = round(proc.heldout_loss(), 3)
+        s["planned_bits_per_weight"] = round(sp.bits_all, 3)
+        s["plan"] = sp.counts()
     if a.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -258,6 +312,36 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(a: argparse.Namespace) -> int:
+    from sli.bench_quality import QualityBenchConfig, label, run_quality, write_outputs
+    from sli.offline.fetch import resolve_model, sli_home
+
+    cfg = QualityBenchConfig(model=str(resolve_model(a.model)), out_dir=a.out if a.out != "bench-results" else "docs/results",
+                             work_dir=a.workdir or "", samples=a.calibration_samples, seqlen=a.calibration_seqlen,
+                             eval_tokens=a.eval_tokens, target_loss=a.bench_target_loss or None)
+    if a.grid is not None:
+        cfg.grid = tuple(x for x in a.grid.split(",") if x)
+    if a.methods is not None:
+        cfg.methods = tuple(x for x in a.methods.split(",") if x)
+    if a.quality_peers is not None:
+        cfg.peers = tuple(x for x in a.quality_peers.split(",") if x)
+    if a.scale_model != "none":
+        default = sli_home() / "scale-1b" / "llama-1b-shape"
+        cfg.scale_model = a.scale_model or (str(default) if default.is_dir() else "")
+        if not cfg.scale_model:
+            print(f"[quality] no 1 B model at {default}: the time and memory points are left out (--scale-model PATH)", file=sys.stderr)
+    cfg.scale_samples = a.scale_samples
+
+    def show(row) -> None:
+        msg = row.get("error") or f"perplexity {row.get('perplexity', float('nan')):.4f}, {row.get('seconds', 0):.0f}s"
+        print(f"[quality] {label(row)}: {msg}", file=sys.stderr, flush=True)
+
+    rows = run_quality(cfg, progress=show)
+    paths = write_outputs(rows, cfg)
+    print(open(paths["markdown"]).read())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.offline.fetch import resolve_model, sli_home
@@ -266,6 +350,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return cmd_bench_scale(a)
     if a.serve:
         return cmd_bench_serve(a)
+    if a.quality:
+        return cmd_bench_quality(a)
 
     cfg = BenchConfig(
         model=str(resolve_model(a.model)),
@@ -322,6 +408,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 f"reduction {m.original_bytes / max(m.stored_bytes, 1):.2f}x  {8 * m.stored_bytes / max(params, 1):.2f} bits/weight  "
                 f"zstd {m.raw_bytes / max(m.stored_bytes, 1):.3f}x  built in {m.seconds:.1f}s by sli {m.library_version}"
             )
+            for line in _calibration_lines(m):
+                print(f"  {line}")
             print(f"  {'group':<10} {'orig MB':>8} {'raw MB':>8} {'disk MB':>8} {'zstd':>6} {'mean relMSE':>12}  codecs")
             for g in m.groups:
                 q_errs = [t.rel_mse for t in g.tensors if t.codec != "raw"]
@@ -343,16 +431,44 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-_PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits")
+def _calibration_lines(m) -> list[str]:
+    """What `sli inspect` says about how a variant was calibrated or planned."""
+    q = m.quantization
+    cal = q.get("calibration") or next((p.get("calibration") for p in (q.get("base_config") or {}, *(q.get("overrides") or {}).values())
+                                        if isinstance(p, dict) and p.get("calibration")), None)
+    lines = []
+    if q.get("symmetric") or q.get("permute") not in (None, "none"):
+        lines.append(f"grid: {'symmetric' if q.get('symmetric') else 'asymmetric'}, channels ordered by {q.get('permute', 'none')}")
+    if cal:
+        ran = m.extra.get("calibration", {})
+        spill = "spilled to the cache directory" if ran.get("spilled") else "in memory"
+        lines.append(
+            f"calibration: {cal['method']} on {cal.get('text') or 'sli/data/calibration.txt'} (sha256 {cal['text_sha256'][:12]}), "
+            f"{cal['samples']} x {cal['seqlen']} tokens{', act-order' if cal.get('act_order') else ''}; "
+            + (f"took {ran['seconds']:.0f}s, peak {ran['peak_rss_bytes'] / 1e6:.0f} MB over baseline, activations "
+               f"{ran['activation_bytes'] / 1e6:.0f} MB {spill}" if ran else "")
+        )
+    planned = q.get("planned") or {}
+    if planned:
+        lines.append("planned: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in planned.items()))
+    return lines
+
+
+_PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits",
+              "symmetric", "permute", "calibrate", "calibration_text", "calibration_samples", "calibration_seqlen", "act_order",
+              "target_loss")
 
 
 def _processor(a: argparse.Namespace, **kwargs):
-    """The processor the plan options ask for (salience-driven when --target-bits is given)."""
+    """The processor the plan options ask for (chosen by measurement when --target-bits or
+    --target-loss is given; a cache directory without plan options opens the variant it holds)."""
     from sli.processor import UniversalSLIProcessor
 
-    if getattr(a, "target_bits", None):
-        return UniversalSLIProcessor.for_target_bits(a.model, a.target_bits, cache_dir=a.cache, **kwargs)
-    return UniversalSLIProcessor(a.model, quantization_config=_plan_from_args(a), cache_dir=a.cache, **kwargs)
+    if getattr(a, "target_bits", None) or getattr(a, "target_loss", None):
+        return UniversalSLIProcessor.for_target(a.model, target_bits=a.target_bits, target_loss=a.target_loss,
+                                                calibration=_calibration_from_args(a), cache_dir=a.cache, **kwargs)
+    plan = _plan_from_args(a) if _plan_given(a) or not (Path(a.model) / "data.mdb").is_file() else None
+    return UniversalSLIProcessor(a.model, quantization_config=plan, cache_dir=a.cache, **kwargs)
 
 
 def _copy_plan_args(sub: argparse._SubParsersAction, p: argparse.ArgumentParser, *, with_cache: bool) -> None:
@@ -430,6 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plot", action="store_true", help="no bench.png (the plot needs matplotlib: pip install 'sli[bench]')")
     b.add_argument("--prompt", default=None)
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="sli's compute dtype")
+    b.add_argument("--quality", action="store_true",
+                   help="calibrated quantization (RTN, GPTQ, AWQ, AWQ+GPTQ) against llm-compressor and bitsandbytes NF4: "
+                        "perplexity loss against bits per weight on held-out text, time and memory (see sli.bench_quality)")
+    b.add_argument("--calibration-samples", type=int, default=32, help="--quality: calibration sequences (every system)")
+    b.add_argument("--calibration-seqlen", type=int, default=512, help="--quality: tokens per calibration sequence")
+    b.add_argument("--eval-tokens", type=int, default=2048, help="--quality: held-out tokens scored")
+    b.add_argument("--grid", default=None, help="--quality: e.g. int4-g64,int4-g64-sym,int3-g64 (default: int4 g32/64/128, both grids; int3 g64)")
+    b.add_argument("--methods", default=None,
+                   help="--quality: sli's methods (default rtn,gptq,awq,awq+gptq,rtn:weight,gptq:activation; ':order' permutes channels)")
+    b.add_argument("--quality-peers", default=None, help="--quality: llmcompressor-gptq,llmcompressor-awq,bnb-nf4 (the default)")
+    b.add_argument("--bench-target-loss", type=float, default=2.0, help="--quality: the --target-loss point (0 leaves it out)")
+    b.add_argument("--scale-model", default="", help="--quality: the 1 B model for time and memory (default $SLI_HOME/scale-1b/llama-1b-shape; none: skip)")
+    b.add_argument("--scale-samples", type=int, default=16, help="--quality: calibration sequences on the 1 B model")
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="stream an answer under a memory budget (quantizes first if needed)")

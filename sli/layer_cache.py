@@ -10,7 +10,11 @@ beside the group's entry, and rebuilt from it:
   activations (``ReLU``, ``GELU``, ``SiLU``, ``Tanh``, ``Identity``, ``Dropout``);
 - any transformers module built from its model config (a decoder layer, an attention or MLP
   block): its class, the config as a dict and its layer index are kept, and the module is
-  rebuilt by transformers itself, its quantized linears put back by name.
+  rebuilt by transformers itself, its quantized linears put back by name. A cache is data,
+  not code: the class named must be an ``nn.Module`` defined in one of transformers'
+  modeling modules (``transformers.models.<family>.modeling_<family>``), checked before
+  anything is imported; a description naming anything else is refused
+  (:func:`transformers_class`).
 
 Anything else is refused when it is cached, never half stored.
 
@@ -29,6 +33,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -61,6 +66,7 @@ _MODE_CODECS = {
     QuantizationMode.NF4: {CodecName.NF4.value},
     QuantizationMode.FP4: {CodecName.FP4.value},
     QuantizationMode.INT4: {CodecName.INT4_GROUP.value},
+    QuantizationMode.INT3: {CodecName.INT3_GROUP.value},
     QuantizationMode.INT2: {CodecName.INT2_GROUP.value},
 }
 
@@ -123,15 +129,15 @@ def describe(module: nn.Module) -> dict[str, Any]:
         return {"kind": "activation", "class": type(module).__name__, "args": args}
     cls = type(module)
     cfg = _hf_config(module)
-    if cls.__module__.startswith("transformers.") and cfg is not None:
+    if _MODELING_MODULE.fullmatch(cls.__module__) and _CLASS_NAME.fullmatch(cls.__qualname__) and cfg is not None:
         quantized = {n: describe(m) for n, m in _quantized(module).items()}
         return {"kind": "transformers", "class": f"{cls.__module__}.{cls.__qualname__}", "model_type": cfg.model_type,
                 "config": cfg.to_dict(), "attn_implementation": getattr(cfg, "_attn_implementation", None),
                 "layer_idx": _layer_idx(module), "quantized": quantized}
     raise UnsupportedLayerError(
         f"LayerCache cannot store a {cls.__module__}.{cls.__qualname__} without pickle: it stores nn.Linear, "
-        "QuantizedLinear, nn.Embedding, nn.LayerNorm, nn.Sequential/ModuleList of these, and transformers modules "
-        "built from a model config (decoder layers, attention and MLP blocks)"
+        "QuantizedLinear, nn.Embedding, nn.LayerNorm, nn.Sequential/ModuleList of these, and modules of transformers' "
+        "modeling files built from a model config (decoder layers, attention and MLP blocks)"
     )
 
 
@@ -178,14 +184,41 @@ def _skeleton(desc: dict[str, Any], encoded: dict[str, EncodedTensor], prefix: s
     raise UnsupportedLayerError(f"unknown module kind {kind!r} in a cached layer description (written by a newer sli?)")
 
 
+# A cached description names the class to rebuild; a cache handed over is data, not code, so
+# only a model building block transformers defines may be named: a class defined in one of
+# its ``transformers.models.<family>.modeling_<family>`` modules, a subclass of nn.Module.
+_MODELING_MODULE = re.compile(r"transformers\.models\.[a-z0-9_]+\.modeling_[a-z0-9_]+")
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def transformers_class(name: str) -> type[nn.Module]:
+    """The transformers module class a cached layer names, after checking it may be built.
+
+    Raises:
+        UnsupportedLayerError: the name is not a module class defined in one of transformers'
+            modeling modules (checked before anything is imported).
+    """
+    module_name, _, qualname = str(name).rpartition(".")
+    refuse = (f"cached layer names {name!r}; LayerCache rebuilds only nn.Module classes defined in transformers' "
+              "modeling modules (transformers.models.<family>.modeling_<family>.<Class>), so it refuses it: "
+              "a cache is data, not code. Cache the layer again with this sli if it is yours")
+    if not _MODELING_MODULE.fullmatch(module_name) or not _CLASS_NAME.fullmatch(qualname):
+        raise UnsupportedLayerError(refuse)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UnsupportedLayerError(f"{refuse} ({e})") from e
+    cls = getattr(module, qualname, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module) and cls.__module__ == module_name):
+        raise UnsupportedLayerError(refuse)
+    return cls
+
+
 def _transformers_skeleton(desc: dict[str, Any], encoded: dict[str, EncodedTensor], prefix: str) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    module_name, _, qualname = desc["class"].rpartition(".")
-    if not module_name.startswith("transformers."):
-        raise UnsupportedLayerError(f"cached layer names class {desc['class']!r}, outside transformers; refused")
-    cls = getattr(importlib.import_module(module_name), qualname)
+    cls = transformers_class(desc["class"])
     cfg_dict = {k: v for k, v in desc["config"].items() if k != "model_type"}
     config = AutoConfig.for_model(desc["model_type"], **cfg_dict)
     if desc.get("attn_implementation"):

@@ -98,6 +98,8 @@ class UniversalSLIProcessor:
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
+        # a cache directory given without a plan opens the variant it holds (see _cached_variant)
+        self._plan_given = quantization_config is not None or adaptive_quantizer is not None
         if isinstance(quantization_config, str):
             quantization_config = resolve_plan(quantization_config)
         self.plan: QuantizationConfig | AdaptiveQuantizer = adaptive_quantizer or quantization_config or get_nf4_config()
@@ -154,18 +156,60 @@ class UniversalSLIProcessor:
         """A processor whose plan gives each linear weight the codec that buys the most quality
         per bit, measured on calibration text, to average ``target_bits`` (see :mod:`sli.offline.salience`).
         The unquantized reference is built (mode ``none``) in the same cache for calibration."""
+        return cls.for_target(model_name, target_bits=target_bits, cache_dir=cache_dir, memory_budget=memory_budget,
+                              progress=progress, **kwargs)
+
+    @classmethod
+    def for_target(cls, model_name, *, target_bits: float | None = None, target_loss: float | None = None, calibration=None,
+                   cache_dir=None, memory_budget=None, progress: bool = True, **kwargs):
+        """A processor whose plan is chosen by measurement (:mod:`sli.offline.salience`):
+        ``target_bits`` (average bits per linear weight) or ``target_loss`` (percent perplexity
+        loss on a held-out slice of the calibration text, met with the fewest bits: every
+        tensor, the embeddings and head included, gets calibrated int3/int4 groups, int8 or
+        is kept). ``calibration`` (a :class:`~sli.offline.calibration.CalibrationConfig`):
+        the text and samples of a loss target (default: the shipped text, GPTQ).
+        ``p.salience`` holds the plan's figures."""
         from sli.offline.config import QuantizationConfig
         from sli.offline.salience import plan_by_salience
 
-        ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
-                  memory_budget=memory_budget, progress=progress)
-        try:
-            sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, progress=progress)
-        finally:
-            ref.close()
+        if target_loss is not None:
+            if target_bits is not None:
+                raise ValueError("give target_bits or target_loss, not both")
+            probe = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir, progress=progress)
+            work = probe.cache_dir / "plans" / f"{probe.source.fingerprint()}-loss{target_loss:g}"
+            try:
+                sp = plan_by_salience(probe.source, target_loss=target_loss, calibration=calibration, work_dir=work, progress=progress)
+            finally:
+                probe.close()
+        else:
+            if calibration is not None:
+                raise ValueError("calibration= applies to a loss target (target_loss=); a bits target calibrates on the shipped text")
+            ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
+                      memory_budget=memory_budget, progress=progress)
+            try:
+                sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, progress=progress)
+            finally:
+                ref.close()
         p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)
         p.salience = sp
         return p
+
+    def heldout_loss(self) -> float:
+        """For a plan with a calibration: the perplexity loss (percent, against the unquantized
+        source) of the built variant on the held-out slice of the calibration text, the text
+        a loss target is measured on."""
+        from sli.offline.lossprobe import LossProbe
+
+        cal = self.plan.effective_calibration
+        if cal is None:
+            raise ValueError("this plan has no calibration, so no held-out calibration text to measure on")
+        self.quantize()
+        probe = LossProbe(self.source, cal, self.cache_dir / "plans" / "heldout", progress=self.progress)
+        try:
+            with LayerStore(self.cache_dir, readonly=True) as st:
+                return probe.cache_loss(st, self.variant_id)
+        finally:
+            probe.close()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -208,13 +252,25 @@ class UniversalSLIProcessor:
         return variant_id(self.source.fingerprint(), self.plan.fingerprint())
 
     def _cached_variant(self) -> str:
+        """The variant of a cache directory given as the model: the one quantized with the plan
+        given, or, when no plan was given, the only one it holds (its plan is then adopted)."""
+        from sli.offline.plans import plan_from_dict
+
         with LayerStore(self.cache_dir, readonly=True) as st:
             manifests = [st.require_manifest(v) for v in st.list_variants()]
+        held = ", ".join(f"{m.variant_id} ({m.source.get('path')}, {m.quantization.get('mode', 'mixed')})" for m in manifests)
+        if not self._plan_given:
+            if len(manifests) == 1:
+                self.plan = plan_from_dict(manifests[0].quantization)
+                return manifests[0].variant_id
+            raise ValueError(
+                f"cache {self.cache_dir} holds {len(manifests)} variants ({held or 'none'}); say which: give the "
+                "quantization it was made with (--mode/--calibrate ..., or quantization_config=)"
+            )
         fp = self.plan.fingerprint()
         match = [m for m in manifests if m.quant_fingerprint == fp]
         if len(match) == 1:
             return match[0].variant_id
-        held = ", ".join(f"{m.variant_id} ({m.source.get('path')}, {m.quantization.get('mode', 'mixed')})" for m in manifests)
         if not match:
             raise ValueError(f"cache {self.cache_dir} holds no variant quantized this way; it holds: {held or 'nothing'}")
         raise ValueError(f"cache {self.cache_dir} holds this quantization for several models ({held}); pass the model path")
@@ -237,7 +293,18 @@ class UniversalSLIProcessor:
                 compress_level=self.compress_level,
                 validate_memory=validate_memory,
                 progress=self.progress,
+                memory_budget=self._budget_bytes(),
             )
+
+    def _budget_bytes(self) -> int | None:
+        """The memory budget in bytes (for calibration activations), None when unset."""
+        if self.memory_budget is None:
+            return None
+        if self.memory_budget == "auto":
+            from runtime.hostmem import auto_budget
+
+            return auto_budget().budget_bytes
+        return parse_size(self.memory_budget)
 
     # -- inference -------------------------------------------------------------------------
     @property

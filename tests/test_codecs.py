@@ -19,6 +19,7 @@ BOUNDS = {
     CodecName.NF4: 1.2e-2,
     CodecName.FP4: 2.5e-2,
     CodecName.INT4_GROUP: 1.5e-2,
+    CodecName.INT3_GROUP: 6e-2,  # min-max 3-bit on Gaussian groups of 128: ~0.045
     CodecName.INT2_GROUP: 0.3,  # theory for min-max 2-bit on Gaussian groups of 128: ~0.25
 }
 
@@ -41,9 +42,10 @@ def test_round_trip_within_bound(codec, dtype):
 def test_bits_per_weight_of_packed_codecs():
     w = _weight(rows=128, cols=1024, dtype=torch.float16)
     n = w.numel()
-    bpw = {c: 8 * get_codec(c).encode(w).nbytes / n for c in (CodecName.NF4, CodecName.INT4_GROUP, CodecName.INT2_GROUP)}
+    bpw = {c: 8 * get_codec(c).encode(w).nbytes / n for c in (CodecName.NF4, CodecName.INT4_GROUP, CodecName.INT3_GROUP, CodecName.INT2_GROUP)}
     assert 4.0 < bpw[CodecName.NF4] < 4.3  # 4 bits + double-quantized absmax per 64
     assert 4.0 < bpw[CodecName.INT4_GROUP] < 4.3  # 4 bits + fp16 scale and offset per 128
+    assert 3.0 < bpw[CodecName.INT3_GROUP] < 3.3  # a 2-bit and a 1-bit plane
     assert 2.0 < bpw[CodecName.INT2_GROUP] < 2.3
 
 
@@ -62,13 +64,60 @@ def test_group_codec_pads_ragged_rows_and_respects_group_size():
 
 
 def test_group_codec_is_exact_on_its_own_grid():
-    # weights already on a 4-bit grid per group are reproduced exactly
+    # weights already on a 4-bit grid with an integer zero point are reproduced exactly
     g = torch.Generator().manual_seed(1)
     q = torch.randint(0, 16, (4, 128), generator=g).float()
+    q[:, 0], q[:, 1] = 0, 15  # each group spans the whole code range
     scale = torch.tensor([0.5, 0.25, 0.125, 1.0])[:, None]
-    w = (q * scale - 3.0).to(torch.float32)
-    out = decode_tensor(get_codec(CodecName.INT4_GROUP).encode(w, group_size=128))
-    assert torch.equal(out, w)
+    zp = torch.tensor([6.0, 3.0, 12.0, 8.0])[:, None]
+    w = ((q - zp) * scale).to(torch.float32)
+    enc = get_codec(CodecName.INT4_GROUP).encode(w, group_size=128)
+    assert torch.equal(decode_tensor(enc), w)
+    assert torch.equal(enc.parts["offset"].float(), -zp * scale)  # offset = -zero_point * scale
+
+
+def test_group_grid_holds_zero_and_symmetric_grid():
+    """The asymmetric grid has an integer zero point (zero is a code, so small weights keep their
+    sign); the symmetric one spans -8..7 steps of absmax / 7.5."""
+    w = _weight(rows=32, cols=128, dtype=torch.float32, seed=4)
+    for bits, codec in ((4, CodecName.INT4_GROUP), (3, CodecName.INT3_GROUP), (2, CodecName.INT2_GROUP)):
+        enc = get_codec(codec).encode(w, group_size=64)
+        zp = -enc.parts["offset"].float() / enc.parts["scale"].float()
+        # the offset is -zp * scale rounded to fp16: zero is a code up to < 1% of a step
+        assert torch.allclose(zp, zp.round(), atol=0.01) and zp.min() >= 0 and zp.max() <= 2**bits - 1
+        out = decode_tensor(enc, torch.float32)
+        step = enc.parts["scale"].float().repeat_interleave(64, dim=1)
+        tiny = w.abs() < 0.25 * step
+        assert (out[tiny].abs() <= 0.01 * step[tiny]).all()  # weights within a quarter step of zero decode to (almost) zero
+    sym = get_codec(CodecName.INT4_GROUP).encode(w, group_size=64, symmetric=True)
+    s = sym.parts["scale"].float()
+    assert torch.allclose(s, (w.view(32, 2, 64).abs().amax(-1) / 7.5).half().float())
+    assert torch.equal(sym.parts["offset"].float(), (-8 * s).half().float()) and sym.params["symmetric"] is True
+    assert tensor_error(w, decode_tensor(sym))["rel_mse"] < BOUNDS[CodecName.INT4_GROUP]
+
+
+def test_int3_packs_three_bits_and_permuted_columns_decode_in_place():
+    w = _weight(rows=16, cols=96, dtype=torch.float32, seed=6)
+    c3 = get_codec(CodecName.INT3_GROUP)
+    enc = c3.encode(w, group_size=32)
+    assert enc.parts["packed"].shape == (16, 24) and enc.parts["packed_hi"].shape == (16, 12)  # 2 + 1 bits a weight
+    q = c3.unpack(enc)
+    assert q.max() <= 7 and torch.equal(q & 3, get_codec(CodecName.INT2_GROUP).unpack(
+        type(enc)("int2_group", enc.shape, enc.dtype, {"packed": enc.parts["packed"]}, enc.params)))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        c3.encode(w, group_size=12)
+    # columns ordered by L2 norm before grouping: stored with the record, decoded back in place
+    w[:, ::7] *= 20  # a few loud columns
+    plain = get_codec(CodecName.INT4_GROUP).encode(w, group_size=32)
+    perm = get_codec(CodecName.INT4_GROUP).encode(w, group_size=32, permute="weight")
+    order = torch.argsort(w.norm(dim=0), descending=True, stable=True)
+    assert torch.equal(perm.parts["perm"], order.to(torch.int32)) and perm.params["permuted"] is True
+    back = decode_tensor(perm, torch.float32)
+    assert tensor_error(w, back)["rel_mse"] < tensor_error(w, decode_tensor(plain, torch.float32))["rel_mse"]
+    out = torch.empty(16, 96)
+    assert torch.equal(decode_tensor(perm, out=out), back)
+    with pytest.raises(ValueError, match="permutation of the 96 columns"):
+        get_codec(CodecName.INT4_GROUP).encode(w, group_size=32, perm=torch.zeros(96, dtype=torch.int32))
 
 
 def test_int8_outlier_columns_kept_in_16bit():
@@ -131,7 +180,7 @@ def test_decode_into_a_buffer_equals_decode(codec, cols):
     from cache.record import decode_record, encode_record
 
     w = _weight(rows=48, cols=cols, seed=5)
-    params = {"group_size": 64} if codec in (CodecName.INT4_GROUP, CodecName.INT2_GROUP) else {}
+    params = {"group_size": 64} if codec in (CodecName.INT4_GROUP, CodecName.INT3_GROUP, CodecName.INT2_GROUP) else {}
     enc = get_codec(codec).encode(w, **params)
     for level in (0, 3):  # zero-copy views of an uncompressed record, and a zstd one
         rec, _ = encode_record(enc, compress_level=level)
@@ -161,7 +210,8 @@ def test_group_codec_writes_one_portable_layout_and_refuses_others():
         decode_tensor(other, out=torch.empty(enc.shape))
 
 
-@pytest.mark.parametrize("codec,cols,gs", [(CodecName.INT4_GROUP, 256, 64), (CodecName.INT2_GROUP, 192, 32), (CodecName.INT4_GROUP, 200, 64)])
+@pytest.mark.parametrize("codec,cols,gs", [(CodecName.INT4_GROUP, 256, 64), (CodecName.INT2_GROUP, 192, 32), (CodecName.INT4_GROUP, 200, 64),
+                                           (CodecName.INT3_GROUP, 192, 64)])
 def test_encode_measured_gives_encodes_bytes_and_the_decoded_error(codec, cols, gs):
     # the fused quantizer loop must write exactly what encode writes, and measure the error of
     # what decode gives back (cols=200 needs padding: the general path)
@@ -175,3 +225,13 @@ def test_encode_measured_gives_encodes_bytes_and_the_decoded_error(codec, cols, 
     want = tensor_error(w.float(), decode_tensor(ref, torch.float32))
     assert err["rel_mse"] == pytest.approx(want["rel_mse"], rel=2e-3)
     assert err["max_abs_err"] == pytest.approx(want["max_abs_err"], rel=1e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize("codec", list(CodecName))
+def test_fake_quantize_is_decode_of_encode(codec):
+    """Searches (AWQ's) round weights with fake_quantize, which skips packing: the same numbers."""
+    w = _weight(rows=24, cols=200, seed=9, dtype=torch.float32)
+    params = {"group_size": 32} if codec in (CodecName.INT4_GROUP, CodecName.INT3_GROUP, CodecName.INT2_GROUP) else {}
+    for extra in ({}, {"symmetric": True}) if params else ({},):
+        c = get_codec(codec)
+        assert torch.equal(c.fake_quantize(w, **params, **extra), c.decode(c.encode(w, **params, **extra), torch.float32))

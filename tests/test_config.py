@@ -38,7 +38,10 @@ def test_defaults_and_derived_fields():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"mode": "int3"}, "unknown quantization mode 'int3'"),
+        ({"mode": "int5"}, "unknown quantization mode 'int5'"),
+        ({"mode": "int3", "group_size": 12}, "multiple of 8"),
+        ({"mode": "int4", "permute": "random"}, "unknown permute 'random'"),
+        ({"mode": "int4", "permute": "activation"}, "needs|give calibration"),
         ({"compute_dtype": "float8"}, "compute_dtype"),
         ({"compute_dtype": torch.int8}, "compute_dtype"),
         ({"double_quant": True, "compress_statistics": False}, "contradicts double_quant"),

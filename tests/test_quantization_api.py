@@ -421,6 +421,41 @@ def test_layer_cache_rebuilds_a_transformers_decoder_layer(tmp_path):
         assert not cache.has_layer("tiny", 2)  # nothing half stored
 
 
+@pytest.mark.parametrize("named", [
+    "transformers.trainer.Trainer",  # not a modeling module (and never imported: checked first)
+    "transformers.utils.hub.cached_file",
+    "transformers.models.llama.modeling_llama.apply_rotary_pos_emb",  # a function, not a module class
+    "transformers.models.llama.modeling_llama.nn",  # a module re-exported there
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm.__init__",  # an attribute path
+    "transformers.models.llama.modeling_llama.GradientCheckpointingLayer",  # defined elsewhere, imported there
+    "os.system",
+])
+def test_layer_cache_refuses_a_crafted_class(tmp_path, named):
+    """A cache handed over is data, not code: the class a cached layer names must be an
+    nn.Module defined in a transformers modeling module, else nothing is built."""
+    import json
+    import sys
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from sli.layer_cache import LayerCache, UnsupportedLayerError
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    with LayerCache(cache_dir=tmp_path) as cache:
+        cache.cache_layer("m", 0, LlamaMLP(cfg))
+        vid = cache._vid("m")
+        entry = cache.store.get_group(vid, "layer.0")
+        assert entry.extra["module"]["class"] == "transformers.models.llama.modeling_llama.LlamaMLP"
+        entry.extra["module"]["class"] = named  # what a crafted cache would say
+        cache.store._write({(cache.store._meta, f"variant/{vid}/group/layer.0".encode()): json.dumps(entry.to_dict()).encode()})
+        cache.clear_memory()
+        sys.modules.pop("transformers.trainer", None)
+        with pytest.raises(UnsupportedLayerError, match="a cache is data, not code"):
+            cache.get_layer("m", 0)
+        assert "transformers.trainer" not in sys.modules
+
+
 def test_layer_cache_keeps_its_size_and_evicts_least_recently_used(tmp_path, caplog):
     from sli.layer_cache import LayerCache
     from sli.quantization import quantize_layer

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cache.codecs import CodecName
+from sli.offline.calibration import CalibrationConfig
 from sli.offline.config import (
     CodecChoice,
     QuantizationConfig,
@@ -32,6 +34,7 @@ FFN_MARKERS = ("ffn", "mlp", "feedforward", "fc")
 # one step up in precision, for the attention layers of an adaptive plan
 PRECISION_UPGRADE = {
     QuantizationMode.INT2: QuantizationMode.INT8,
+    QuantizationMode.INT3: QuantizationMode.INT8,
     QuantizationMode.INT4: QuantizationMode.INT8,
     QuantizationMode.FP4: QuantizationMode.INT8,
     QuantizationMode.NF4: QuantizationMode.INT8,
@@ -68,6 +71,10 @@ class AdaptiveQuantizer:
         skip_modules: modules kept unquantized for every part; None: each part's own skip list.
         compute_dtype: the default compute dtype of the parts (a part's own overrides it).
         overrides: exact tensor name -> config, chosen per tensor by measurement (see :mod:`sli.offline.salience`).
+        calibration: calibrated quantization for the whole plan (its parts' own ``calibration``,
+            if any, must be the same).
+        planned: what a measured plan was made for and reached (``target_bits``/``target_loss``
+            and the figures), kept with the plan and shown by ``sli inspect``.
     """
 
     base_config: QuantizationConfig | None = None
@@ -76,6 +83,8 @@ class AdaptiveQuantizer:
     skip_modules: list[str] | None = None
     compute_dtype: torch.dtype | str | None = None
     overrides: dict[str, QuantizationConfig] = field(default_factory=dict)
+    calibration: CalibrationConfig | dict | None = None
+    planned: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.base_config, AdaptiveQuantizer):  # AdaptiveQuantizer(get_mixed_precision_config())
@@ -95,6 +104,21 @@ class AdaptiveQuantizer:
             self.ffn_config = self.base_config
         if self.skip_modules is not None:
             self.skip_modules = list(self.skip_modules)
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
+        own = {json.dumps(p.calibration.fingerprint_dict(), sort_keys=True) for p in self.parts() if p.calibration is not None}
+        if self.calibration is not None:
+            own.add(json.dumps(self.calibration.fingerprint_dict(), sort_keys=True))
+        if len(own) > 1:
+            raise ValueError("the parts of this AdaptiveQuantizer ask for different calibrations; a model is calibrated once: "
+                             "set calibration= on the AdaptiveQuantizer only")
+
+    @property
+    def effective_calibration(self) -> CalibrationConfig | None:
+        """The plan's calibration: its own, else the one its parts share."""
+        if self.calibration is not None:
+            return self.calibration
+        return next((p.calibration for p in self.parts() if p.calibration is not None), None)
 
     def config_for(self, name: str) -> QuantizationConfig:
         """The config that applies to a tensor or module: its override, else by layer type."""
@@ -130,12 +154,14 @@ class AdaptiveQuantizer:
             "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
             "compute_dtype": dtype_str(self.compute_dtype),
             **({"overrides": {k: v.to_dict() for k, v in sorted(self.overrides.items())}} if self.overrides else {}),
+            **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
+            **({"planned": dict(self.planned)} if self.planned else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdaptiveQuantizer":
         d = {k: v for k, v in d.items() if k != "kind"}
-        known = {"base_config", "attention_config", "ffn_config", "skip_modules", "compute_dtype", "overrides"}
+        known = {"base_config", "attention_config", "ffn_config", "skip_modules", "compute_dtype", "overrides", "calibration", "planned"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown AdaptiveQuantizer keys {unknown}; known: {sorted(known)}")
@@ -152,6 +178,9 @@ class AdaptiveQuantizer:
             d[k] = getattr(self, k).canonical_dict()
         if self.overrides:
             d["overrides"] = {k: v.canonical_dict() for k, v in sorted(self.overrides.items())}
+        if self.calibration is not None:
+            d["calibration"] = self.calibration.fingerprint_dict()
+        d.pop("planned", None)  # what the plan reached is a record, not a property of the cache
         return _fingerprint(d)
 
     def quantize_model(self, model, *, progress: bool = False):

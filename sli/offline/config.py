@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from cache.codecs import CodecName
+from sli.offline.calibration import CalibrationConfig
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STORAGE_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -60,8 +61,9 @@ class QuantizationMode(str, Enum):
     INT8_DYNAMIC = "int8_dynamic"  # per-channel int8 for torch's int8 CPU matmul
     NF4 = "nf4"  # bitsandbytes NormalFloat4, blocksize 64
     FP4 = "fp4"  # bitsandbytes FP4, blocksize 64
-    INT4 = "int4"  # group-wise asymmetric 4-bit
-    INT2 = "int2"  # group-wise asymmetric 2-bit (experimental)
+    INT4 = "int4"  # group-wise 4-bit (asymmetric, integer zero point; or symmetric)
+    INT3 = "int3"  # group-wise 3-bit (for calibrated and loss-targeted plans)
+    INT2 = "int2"  # group-wise 2-bit (experimental)
 
 
 _MODE_CODEC = {
@@ -71,8 +73,20 @@ _MODE_CODEC = {
     QuantizationMode.NF4: CodecName.NF4,
     QuantizationMode.FP4: CodecName.FP4,
     QuantizationMode.INT4: CodecName.INT4_GROUP,
+    QuantizationMode.INT3: CodecName.INT3_GROUP,
     QuantizationMode.INT2: CodecName.INT2_GROUP,
 }
+
+GROUP_CODECS = (CodecName.INT4_GROUP, CodecName.INT3_GROUP, CodecName.INT2_GROUP)
+GROUP_BITS = {CodecName.INT4_GROUP: 4, CodecName.INT3_GROUP: 3, CodecName.INT2_GROUP: 2}
+
+
+class ChannelOrder(str, Enum):
+    """How a group codec orders a weight's input channels before grouping (see :mod:`cache.codecs`)."""
+
+    NONE = "none"  # as they are
+    WEIGHT = "weight"  # by decreasing L2 norm of the weight's columns
+    ACTIVATION = "activation"  # by decreasing calibration activation scale (needs calibration)
 
 # What ``llm_int8_skip_modules=None`` keeps unquantized, as transformers does for bitsandbytes
 # (its output head stays; embeddings are not linears): the head and the token embeddings.
@@ -143,8 +157,15 @@ class QuantizationConfig:
         llm_int8_threshold: int8 mode: weight columns with any magnitude at or above this stay in 16-bit.
         llm_int8_skip_modules: modules never quantized (dotted names or name components). None:
             the output head and token embeddings, as transformers does; ``[]``: nothing skipped.
-        group_size: int4/int2 group size along the input dimension.
+        group_size: int4/int3/int2 group size along the input dimension (a width that is not
+            a multiple of it ends in one narrower group, padded when encoded).
         blocksize: nf4/fp4 block size.
+        symmetric: int4/int3/int2: a symmetric grid (codes -8..7 times a scale, for 4 bits)
+            instead of the asymmetric one with an integer zero point.
+        permute: int4/int3/int2: order input channels before grouping (:class:`ChannelOrder`:
+            ``"none"``, ``"weight"`` L2 norm, ``"activation"`` scale, which needs calibration).
+        calibration: quantize with calibration text (:class:`~sli.offline.calibration.CalibrationConfig`:
+            GPTQ, AWQ or both); None: round to nearest.
     """
 
     mode: QuantizationMode = QuantizationMode.NONE
@@ -157,6 +178,9 @@ class QuantizationConfig:
     llm_int8_skip_modules: list[str] | None = None
     group_size: int = 64
     blocksize: int = 64
+    symmetric: bool = False
+    permute: ChannelOrder | str = ChannelOrder.NONE
+    calibration: CalibrationConfig | dict | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -183,6 +207,17 @@ class QuantizationConfig:
         self.quant_storage_dtype = parse_dtype(self.quant_storage_dtype, _STORAGE_DTYPES, "quant_storage_dtype")
         if self.group_size <= 0 or self.group_size % 4:
             raise ValueError(f"group_size must be a positive multiple of 4, got {self.group_size}")
+        if self.mode is QuantizationMode.INT3 and self.group_size % 8:
+            raise ValueError(f"int3 packs 8 codes in 3 bytes: group_size must be a multiple of 8, got {self.group_size}")
+        try:
+            self.permute = ChannelOrder(self.permute)
+        except ValueError:
+            raise ValueError(f"unknown permute {self.permute!r}; choose one of {[o.value for o in ChannelOrder]}") from None
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
+        if self.permute is ChannelOrder.ACTIVATION and self.calibration is None:
+            raise ValueError("permute='activation' orders channels by calibration activation scale: give calibration= "
+                             "(--calibrate), or permute='weight'")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise ValueError(f"blocksize must be a power of two from 64 to 4096, got {self.blocksize}")
         self._check_mutable()
@@ -204,6 +239,11 @@ class QuantizationConfig:
         """The modules kept unquantized (``llm_int8_skip_modules``, None meaning the head and embeddings)."""
         return list(DEFAULT_SKIP_MODULES) if self.llm_int8_skip_modules is None else list(self.llm_int8_skip_modules)
 
+    @property
+    def effective_calibration(self) -> CalibrationConfig | None:
+        """The calibration this plan quantizes with (None: round to nearest)."""
+        return self.calibration
+
     # -- plan --------------------------------------------------------------------------
     def compute_dtype_for(self, name: str) -> torch.dtype | str | None:
         return self.compute_dtype
@@ -217,8 +257,13 @@ class QuantizationConfig:
         if codec in (CodecName.NF4, CodecName.FP4):
             return CodecChoice(codec, {"blocksize": self.blocksize, "double_quant": self.compress_statistics,
                                        "quant_storage": self.quant_storage_dtype})
-        if codec in (CodecName.INT4_GROUP, CodecName.INT2_GROUP):
-            return CodecChoice(codec, {"group_size": self.group_size})
+        if codec in GROUP_CODECS:
+            params: dict[str, Any] = {"group_size": self.group_size}
+            if self.symmetric:
+                params["symmetric"] = True
+            if self.permute is not ChannelOrder.NONE:
+                params["permute"] = self.permute.value
+            return CodecChoice(codec, params)
         return CodecChoice(codec, {})
 
     def choose(self, name: str, tensor: torch.Tensor) -> CodecChoice:
@@ -236,6 +281,8 @@ class QuantizationConfig:
         d["mode"] = self.mode.value
         d["compute_dtype"] = dtype_str(self.compute_dtype)
         d["quant_storage_dtype"] = dtype_str(self.quant_storage_dtype)
+        d["permute"] = self.permute.value
+        d["calibration"] = self.calibration.to_dict() if self.calibration is not None else None
         d["kind"] = "config"
         return d
 
@@ -250,8 +297,12 @@ class QuantizationConfig:
         return cls(**d)
 
     def canonical_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` with the skip list spelled out (None and the default list are one plan)."""
-        return {**self.to_dict(), "llm_int8_skip_modules": self.skip_modules}
+        """:meth:`to_dict` with the skip list spelled out (None and the default list are one plan)
+        and the calibration as its fingerprint sees it (the text by its hash, not its path)."""
+        d = {**self.to_dict(), "llm_int8_skip_modules": self.skip_modules}
+        if self.calibration is not None:
+            d["calibration"] = self.calibration.fingerprint_dict()
+        return d
 
     def fingerprint(self) -> str:
         """What the cache depends on (everything but the compute dtype)."""

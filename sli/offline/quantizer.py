@@ -14,7 +14,7 @@ import torch
 
 from cache.codecs import CodecName, RawCodec, get_codec
 from cache.record import EncodedTensor
-from sli.offline.config import QuantizationPlan
+from sli.offline.config import CodecChoice, QuantizationPlan
 
 _RAW = RawCodec()
 
@@ -62,9 +62,11 @@ class TensorQuantizer:
     def __init__(self, plan: QuantizationPlan) -> None:
         self.plan = plan
 
-    def quantize_tensor(self, name: str, tensor: torch.Tensor, *, measure: bool = True) -> tuple[EncodedTensor, TensorStats]:
-        """Encode one tensor; measure the error of its float32 decode against the input when ``measure``."""
-        choice = self.plan.choose(name, tensor)
+    def quantize_tensor(self, name: str, tensor: torch.Tensor, *, measure: bool = True,
+                        choice: CodecChoice | None = None) -> tuple[EncodedTensor, TensorStats]:
+        """Encode one tensor (with the plan's choice for it, or ``choice``); measure the error of
+        its float32 decode against the input when ``measure``."""
+        choice = choice or self.plan.choose(name, tensor)
         require_bitsandbytes(choice.codec)
         err = {"rel_mse": 0.0, "max_abs_err": 0.0}
         if choice.codec is CodecName.RAW:

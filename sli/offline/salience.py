@@ -1,5 +1,9 @@
-"""Mixed precision chosen by measurement: give each linear weight the codec that buys the
-most quality per bit, until an average bits-per-weight target is met.
+"""Mixed precision chosen by measurement: give each weight the codec that buys the most
+quality per bit, to meet an average bits-per-weight target (``--target-bits``) or, with the
+fewest bits, a perplexity-loss target (``--target-loss``). One planner: both targets rank
+the same way (:func:`assign`), they differ in what they measure.
+
+Bits target:
 
 1. Calibrate: run the unquantized model (mode ``none``, streamed within the budget) over a
    little calibration text and record, for every linear layer, the mean square of each
@@ -10,13 +14,27 @@ most quality per bit, until an average bits-per-weight target is met.
 3. Assign: start every tensor at the cheapest candidate, then repeatedly take the upgrade
    with the largest error reduction per extra byte while the average stays within the target.
 
-The calibration text is stdlib docstrings, not the pydoc topics that `sli validate` scores,
-so the plan is not fitted to the evaluation text. Memory stays bounded: one tensor and its
-candidates at a time, plus one vector per linear layer.
+Loss target (:mod:`sli.offline.lossprobe` measures):
+
+1. Every linear of every layer gets each calibrated candidate (GPTQ on int3/int4 groups of
+   several sizes, int8 per channel; or kept), scored by its relative output error on the
+   calibration samples and its bytes; the embeddings and head get row candidates (int4
+   groups, int8, kept).
+2. The embeddings and head are measured apart: each takes its cheapest candidate whose
+   held-out loss alone is at most ``ROW_SHARE`` of the target.
+3. The layers: for a byte budget, :func:`assign` gives an assignment; the budget is bisected
+   on the *measured* held-out loss of the whole assignment (embeddings and head included),
+   and the smallest budget under the target wins. The held-out text is the end of the
+   calibration text, which no sample overlaps.
+
+The calibration text is the one shipped with sli (stdlib docstrings), never the pydoc topics
+that `sli validate` scores, so the plan is not fitted to the evaluation text. Memory stays
+bounded: one tensor (or one layer) and its candidates at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,34 +43,18 @@ import torch
 from tqdm.auto import tqdm
 
 from sli.offline.adaptive import AdaptiveQuantizer
+from sli.offline.calibration import HOLDOUT_TOKENS, CalibrationConfig, read_text
 from sli.offline.config import QuantizationConfig, QuantizationMode, is_quantizable, module_matches
+from sli.offline.lossprobe import KEEP, Candidate, LossProbe, loss_candidates, row_candidates
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_MODULES = ("collections", "itertools", "functools", "json", "re", "pathlib", "argparse", "dataclasses", "logging")
+ROW_SHARE = 0.25  # of a loss target, what the embeddings and head may take together
 
 
 def calibration_text() -> str:
-    """Docstrings of a few stdlib modules and their public members (ships with Python)."""
-    import importlib
-    import inspect
-
-    parts = []
-    for name in CALIBRATION_MODULES:
-        mod = importlib.import_module(name)
-        parts.append(inspect.getdoc(mod) or "")
-        for attr in sorted(dir(mod)):
-            if not attr.startswith("_"):
-                doc = inspect.getdoc(getattr(mod, attr, None))
-                if doc and len(doc) > 80:
-                    parts.append(f"{name}.{attr}: {doc}")
-    return "\n\n".join(parts)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    label: str
-    config: QuantizationConfig
+    """The calibration text that ships with sli (stdlib docstrings; see :mod:`sli.offline.calibration`)."""
+    return read_text(None)
 
 
 def default_candidates() -> list[Candidate]:
@@ -68,10 +70,15 @@ def default_candidates() -> list[Candidate]:
 @dataclass
 class SaliencePlan:
     plan: AdaptiveQuantizer
-    target_bits: float
+    target_bits: float | None
     achieved_bits: float  # over the assigned tensors
     choices: dict[str, str] = field(default_factory=dict)  # tensor -> candidate label
     scores: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)  # tensor -> label -> (bytes, error)
+    target_loss: float | None = None  # percent
+    loss: float | None = None  # the held-out loss measured for the plan, percent
+    bits_all: float | None = None  # bits per weight over every parameter (embeddings, head, norms)
+    row_losses: dict[str, dict[str, float]] = field(default_factory=dict)  # embeddings/head: label -> loss alone
+    steps: list[dict] = field(default_factory=list)  # the budgets tried: bits, loss
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -105,6 +112,30 @@ def input_statistics(model, input_ids: torch.Tensor, *, window: int = 256) -> di
     return {name: total / n for name, (total, n) in stats.items()}
 
 
+def assign(scores: dict[str, dict[str, tuple[int, float]]], budget: float) -> dict[str, str]:
+    """The greedy both targets use: every tensor starts at its cheapest candidate, then the
+    upgrade with the largest error reduction per extra byte is taken while the bytes stay
+    within ``budget``. Returns tensor -> candidate label."""
+    choice = {n: min(sc, key=lambda lbl: (sc[lbl][0], sc[lbl][1])) for n, sc in scores.items()}
+    used = sum(scores[n][lbl][0] for n, lbl in choice.items())
+    while True:
+        best, best_gain = None, 0.0
+        for n, sc in scores.items():
+            cb, ce = sc[choice[n]]
+            for lbl, (b, e) in sc.items():
+                extra = b - cb
+                if extra <= 0 or e >= ce or used + extra > budget:
+                    continue
+                gain = (ce - e) / extra
+                if gain > best_gain:
+                    best, best_gain = (n, lbl, extra), gain
+        if best is None:
+            return choice
+        n, lbl, extra = best
+        choice[n] = lbl
+        used += extra
+
+
 def weighted_error(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor) -> float:
     """Relative output error of ``approx`` for inputs with channel mean squares ``s``."""
     w = w.float()
@@ -115,26 +146,51 @@ def weighted_error(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor) -> fl
 
 def plan_by_salience(
     source,
-    reference_model,
-    tokenizer,
+    reference_model=None,
+    tokenizer=None,
     *,
-    target_bits: float,
+    target_bits: float | None = None,
+    target_loss: float | None = None,
+    calibration: CalibrationConfig | None = None,
+    work_dir=None,
     candidates: list[Candidate] | None = None,
     calibration_tokens: int = 1024,
-    skip_modules: tuple[str, ...] | list[str] = ("lm_head", "embed_tokens"),
+    skip_modules: tuple[str, ...] | list[str] | None = None,
     progress: bool = True,
 ) -> SaliencePlan:
-    """Assign a codec to every quantizable linear weight to meet ``target_bits`` on average.
+    """Assign a codec to every quantizable weight: to meet ``target_bits`` on average, or,
+    with the fewest bits, to keep the perplexity loss on held-out calibration text under
+    ``target_loss`` percent (see the module docstring).
 
     Args:
         source: the model's :class:`~sli.offline.sources.ModelSource` (read one tensor at a time).
-        reference_model: a mode-``none`` :class:`~runtime.executor.StreamingModel` of it, for calibration.
+        reference_model: bits target: a mode-``none`` :class:`~runtime.executor.StreamingModel` of it, for calibration.
+        tokenizer: bits target: its tokenizer.
         target_bits: average bits per weight over the quantized tensors (codes plus scales).
+        target_loss: percent perplexity loss allowed on the held-out slice of the calibration text.
+        calibration: loss target: the text, samples and seqlen (default: the shipped text,
+            GPTQ); the plan quantizes with it.
+        work_dir: loss target: where candidate records wait (removed afterwards).
+        skip_modules: kept unquantized. Default: the head and embeddings for a bits target;
+            nothing for a loss target (they are candidates too).
 
     Raises:
-        ValueError: the target is below what the cheapest candidate needs.
+        ValueError: no target or both; a target below what the cheapest candidates reach.
     """
     from cache.codecs import decode_tensor, get_codec
+
+    if (target_bits is None) == (target_loss is None):
+        raise ValueError("give target_bits or target_loss (one of them)")
+    if target_loss is not None:
+        if work_dir is None:
+            raise ValueError("a loss target needs work_dir, where candidate records wait while they are measured")
+        cal = calibration or CalibrationConfig()
+        if cal.holdout_tokens == 0:
+            cal = dataclasses.replace(cal, holdout_tokens=HOLDOUT_TOKENS)
+        return _plan_for_loss(source, target_loss, cal, work_dir,
+                              candidates=candidates, skip_modules=tuple(skip_modules or ()), progress=progress)
+    if skip_modules is None:
+        skip_modules = ("lm_head", "embed_tokens")
 
     candidates = candidates or default_candidates()
     ids = torch.tensor(tokenizer(calibration_text())["input_ids"][:calibration_tokens])
@@ -158,29 +214,13 @@ def plan_by_salience(
         del w
     total = sum(numel.values())
     budget = target_bits * total / 8
-    cheapest = {n: min(sc, key=lambda lbl: sc[lbl][0]) for n, sc in scores.items()}
-    used = sum(scores[n][cheapest[n]][0] for n in scores)
-    if used > budget:
+    cheapest = sum(min(b for b, _ in sc.values()) for sc in scores.values())
+    if cheapest > budget:
         raise ValueError(
-            f"target of {target_bits} bits per weight is below the {8 * used / total:.2f} the cheapest candidate needs; raise --target-bits"
+            f"target of {target_bits} bits per weight is below the {8 * cheapest / total:.2f} the cheapest candidate needs; raise --target-bits"
         )
-    choice = dict(cheapest)
-    while True:
-        best, best_gain = None, 0.0
-        for n, sc in scores.items():
-            cb, ce = sc[choice[n]]
-            for lbl, (b, e) in sc.items():
-                extra = b - cb
-                if extra <= 0 or e >= ce or used + extra > budget:
-                    continue
-                gain = (ce - e) / extra
-                if gain > best_gain:
-                    best, best_gain = (n, lbl, extra), gain
-        if best is None:
-            break
-        n, lbl, extra = best
-        choice[n] = lbl
-        used += extra
+    choice = assign(scores, budget)
+    used = sum(scores[n][lbl][0] for n, lbl in choice.items())
     by_label = {c.label: c.config for c in candidates}
     overrides = {n: by_label[lbl] for n, lbl in choice.items()}
     plan = AdaptiveQuantizer(
@@ -193,3 +233,96 @@ def plan_by_salience(
     achieved = 8 * used / total if total else math.nan
     logger.info("salience plan: %.3f bits/weight (target %.2f): %s", achieved, target_bits, SaliencePlan(plan, target_bits, achieved, choice).counts())
     return SaliencePlan(plan, target_bits, achieved, choice, scores)
+
+
+def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, candidates, skip_modules, progress) -> SaliencePlan:
+    if target <= 0:
+        raise ValueError(f"target_loss is a percent perplexity loss and must be positive, got {target}")
+    if not cal.method.gptq:
+        raise ValueError(f"a loss target measures GPTQ candidates: use calibration method gptq, not {cal.method.value}")
+    candidates = candidates or loss_candidates()
+    probe = LossProbe(source, cal, work_dir, skip_modules=skip_modules, progress=progress)
+    try:
+        scores = probe.measure(candidates, row_candidates())
+        steps: list[dict] = []
+        # the embeddings and head, measured apart: the cheapest rows that cost at most ROW_SHARE of the target
+        rows: dict[str, str] = {}
+        row_losses: dict[str, dict[str, float]] = {}
+        for name, sc in scores.rows.items():
+            row_losses[name] = {}
+            for lbl in sorted(sc, key=lambda lbl: sc[lbl][0]):
+                loss = probe.loss({name: lbl}) if lbl != KEEP else 0.0
+                row_losses[name][lbl] = loss
+                logger.info("%s as %s alone: %+.2f%% held-out loss", name, lbl, loss)
+                if loss <= ROW_SHARE * target:
+                    rows[name] = lbl
+                    break
+        numel_layers = {n: scores.numel[n] for n in scores.layers}
+
+        def measure(budget: float) -> tuple[dict[str, str], float, int]:
+            choice = assign(scores.layers, budget)
+            used = sum(scores.layers[n][lbl][0] for n, lbl in choice.items())
+            loss = probe.loss({**choice, **rows})
+            steps.append({"bits": 8 * used / sum(numel_layers.values()), "loss": loss})
+            logger.info("layers at %.3f bits/weight: %+.3f%% held-out loss (target %.2f%%)", steps[-1]["bits"], loss, target)
+            return choice, loss, used
+
+        lo = sum(min(b for b, _ in sc.values()) for sc in scores.layers.values())
+        int8 = sum(sc.get("int8", sc[KEEP])[0] for sc in scores.layers.values())
+        kept = sum(sc[KEEP][0] for sc in scores.layers.values())
+        best = None
+        for hi in (int8, kept):
+            choice, loss, used = measure(hi)
+            if loss <= target:
+                best = (choice, loss, used)
+                break
+        if best is None:
+            raise ValueError(f"even with every layer weight kept the held-out loss is {loss:+.2f}% (embeddings and head: "
+                             f"{rows}), above the target {target}%; raise --target-loss")
+        choice, loss, used = measure(lo)
+        if loss <= target:
+            best = (choice, loss, used)
+        else:
+            for _ in range(6):  # bisection on the byte budget: the smallest one measured under the target
+                mid = (lo + hi) / 2
+                choice, loss, used = measure(mid)
+                if loss <= target:
+                    hi, best = mid, (choice, loss, used)
+                else:
+                    lo = mid
+        choice, loss, used = best
+        labels = {c.label: c.config for c in [*candidates, *row_candidates()]}
+        overrides = {n: labels[lbl] for n, lbl in {**choice, **rows}.items() if lbl != KEEP}
+        row_bytes = sum(scores.rows[n][lbl][0] for n, lbl in rows.items())
+        other = _other_bytes(source, set(scores.layers) | set(scores.rows))
+        total_params = sum(math.prod(source.tensor_meta(n)[0]) for n in source.tensor_names())
+        bits_all = 8 * (used + row_bytes + other) / total_params
+        achieved = 8 * used / sum(numel_layers.values())
+        plan = AdaptiveQuantizer(
+            base_config=QuantizationConfig(mode=QuantizationMode.NONE),
+            attention_config=QuantizationConfig(mode=QuantizationMode.NONE),
+            ffn_config=QuantizationConfig(mode=QuantizationMode.NONE),
+            skip_modules=[],
+            overrides=overrides,
+            calibration=cal,
+            planned={"target_loss": target, "loss": round(loss, 4), "bits_per_weight": round(bits_all, 4),
+                     "layer_bits_per_weight": round(achieved, 4), **{f"rows:{n}": lbl for n, lbl in rows.items()}},
+        )
+        sp = SaliencePlan(plan, None, achieved, {**choice, **rows}, {**scores.layers, **scores.rows}, target_loss=target,
+                          loss=loss, bits_all=bits_all, row_losses=row_losses, steps=steps)
+        logger.info("loss plan: %+.3f%% held-out loss (target %.2f%%), %.3f bits/weight over all tensors: %s",
+                    loss, target, bits_all, sp.counts())
+        return sp
+    finally:
+        probe.close()
+
+
+def _other_bytes(source, measured: set[str]) -> int:
+    """Bytes of the tensors no candidate was measured for (norms, biases, skipped): kept as they are."""
+    total = 0
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    for n in source.tensor_names():
+        if n in measured or (tied and n.endswith("lm_head.weight")):
+            continue
+        total += source.tensor_nbytes(n)
+    return total

@@ -182,20 +182,21 @@ def _chunk_rows(group: str, tensor) -> int:
 
 
 def _quantize_group(
-    source: ModelSource,
-    quantizer: TensorQuantizer,
+    read: Callable[[str], Any],
+    quantize: Callable[[str, Any], tuple[Any, Any]],
     gname: str,
     names: list[str],
     compress_level: int,
     validate_memory: bool,
     put: Callable[[str, memoryview], None],
 ) -> GroupEntry:
-    """Quantize one group tensor by tensor, handing each record to ``put`` as it is made;
-    returns the group's entry."""
+    """Quantize one group tensor by tensor (``read(name)`` gives a tensor, ``quantize(name,
+    piece)`` its encoding and :class:`TensorStats`), handing each record to ``put`` as it is
+    made; returns the group's entry."""
     t0 = time.perf_counter()
     tensors: list[TensorEntry] = []
     for name in names:
-        tensor = source.read(name)
+        tensor = read(name)
         rows = _chunk_rows(gname, tensor)
         pieces = [(name, tensor)] if not rows else [
             (chunk_record_name(name, k), tensor[r : r + rows]) for k, r in enumerate(range(0, tensor.shape[0], rows))
@@ -206,7 +207,7 @@ def _quantize_group(
         compressed = False
         params: dict = {}
         for rname, piece in pieces:
-            enc, stats = quantizer.quantize_tensor(name, piece)
+            enc, stats = quantize(name, piece)
             if validate_memory and enc.codec != CodecName.RAW.value and stats.encoded_bytes >= stats.original_bytes:
                 raise MemoryValidationError(
                     f"{name}: {enc.codec} takes {stats.encoded_bytes} bytes, not less than the original "
@@ -273,6 +274,8 @@ class _Committer:
                     writer = group.__enter__()
                 elif kind == "put":
                     writer.put(*args)
+                elif kind == "call":  # after every group sent before it has committed
+                    args[0]()
                 else:  # "finish": the entry, then commit
                     writer.finish(args[0])
                     group.__exit__(None, None, None)
@@ -291,6 +294,16 @@ class _Committer:
         if self.error is not None:
             raise self.error
         self.queue.put(item)
+
+    def sync(self) -> None:
+        """Wait until every group sent so far has committed."""
+        done = threading.Event()
+        self.send("call", done.set)
+        while not done.wait(0.05):
+            if self.error is not None or not self.thread.is_alive():
+                break
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
         self.queue.put(None)
@@ -328,7 +341,7 @@ def _build_groups(
                 # expected bytes: at most the source bytes, except when kept tensors are widened
                 committer.send("begin", gname, 2 * sum(source.tensor_nbytes(n) for n in groups[gname]))
                 put = lambda rname, rec: committer.send("put", rname, rec)  # noqa: E731
-                entry = _quantize_group(source, quantizer, gname, groups[gname], compress_level, validate_memory, put)
+                entry = _quantize_group(source.read, quantizer.quantize_tensor, gname, groups[gname], compress_level, validate_memory, put)
                 committer.send("finish", entry)
                 release_free_memory()
                 bar.update()
@@ -336,6 +349,28 @@ def _build_groups(
         finally:
             committer.close()
             bar.close()
+
+
+def _build_calibrated(builder, store: LayerStore, vid: str, order: list[str], todo: list[str], groups: dict[str, list[str]],
+                      compress_level: int, validate_memory: bool) -> None:
+    """The calibrated path (:mod:`sli.offline.calibrate`), committing through a :class:`_Committer`."""
+    from sli.offline.calibrate import build_calibrated
+
+    committer = _Committer(store, vid)
+
+    def put_group(gname: str, read, quantize, extra: dict) -> GroupEntry:
+        committer.send("begin", gname, 2 * sum(builder.source.tensor_nbytes(n) for n in groups[gname]))
+        put = lambda rname, rec: committer.send("put", rname, rec)  # noqa: E731
+        entry = _quantize_group(read, quantize, gname, groups[gname], compress_level, validate_memory, put)
+        entry.extra.update(extra)
+        committer.send("finish", entry)
+        return entry
+
+    try:
+        build_calibrated(builder, order, todo, put_group=put_group, sync=committer.sync,
+                         after_commit=lambda fn: committer.send("call", fn))
+    finally:
+        committer.close()
 
 
 def quantize_model(
@@ -346,12 +381,16 @@ def quantize_model(
     compress_level: int = 3,
     validate_memory: bool = False,
     progress: bool = True,
+    memory_budget: int | None = None,
 ) -> QuantizationReport:
     """Quantize ``source`` into ``store`` one group at a time; resume if partly done.
 
     Each group (embeddings, a decoder layer, the head) is read, quantized, encoded and
     committed in one transaction, then freed: peak memory stays near the largest group.
-    The manifest is written last.
+    The manifest is written last. A plan with a calibration (GPTQ, AWQ) is built layer by
+    layer on calibration activations (:mod:`sli.offline.calibrate`); ``memory_budget``
+    (bytes) then decides whether those activations stay in memory or spill to the cache
+    directory.
 
     Raises:
         MemoryValidationError: ``validate_memory`` and a quantized tensor is not smaller than
@@ -371,18 +410,34 @@ def quantize_model(
     quantizer = TensorQuantizer(plan)
     todo = [g for g in order if store.get_group(vid, g) is None]
     t_start = time.perf_counter()
+    calib = plan.effective_calibration
+    extra: dict[str, Any] = {}
     # 10 ms samples: the peak lives as long as a group's buffers (seconds); 2 ms sampling
     # took 10% of a core from the quantizer on 2 cores (measured on an 8 B model)
     with PeakMemorySampler(interval=0.01) as mem:
+        builder = None
+        if calib is not None:
+            from sli.offline.calibrate import CalibratedBuilder
+
+            builder = CalibratedBuilder(source, plan, calib, store, vid, groups, compress_level=compress_level,
+                                        validate_memory=validate_memory, memory_budget=memory_budget, progress=progress)
         while True:
             missing = [g for g in todo if store.get_group(vid, g) is None]
             try:
-                _build_groups(source, quantizer, store, vid, missing, groups, compress_level, validate_memory,
-                              progress=progress, done=len(order) - len(missing), total=len(order))
+                if builder is not None:
+                    _build_calibrated(builder, store, vid, order, missing, groups, compress_level, validate_memory)
+                else:
+                    _build_groups(source, quantizer, store, vid, missing, groups, compress_level, validate_memory,
+                                  progress=progress, done=len(order) - len(missing), total=len(order))
                 break
             except MapResized:
                 logger.debug("LMDB map grown while writing; building the groups not yet committed")
         wall = time.perf_counter() - t_start  # reading, quantizing and committing, overlapped
+        if builder is not None:
+            builder.close()
+            extra["calibration"] = {**builder.summary, "method": calib.method.value, "text": calib.text_name,
+                                    "text_sha256": calib.text_sha256, "samples": calib.samples, "seqlen": calib.seqlen,
+                                    "peak_rss_bytes": mem.peak_bytes, "seconds": wall}
         files = source.tokenizer_files()
         store.put_files(model_fp, files)
     entries = [store.get_group(vid, g) for g in order]
@@ -404,6 +459,7 @@ def quantize_model(
         # this run's wall time, plus the time resumed groups took when they were built
         seconds=wall + sum(e.seconds for e in entries if e.name not in built_now),
         peak_rss_bytes=mem.peak_bytes,
+        extra=extra,
     )
     store.put_manifest(manifest)
     logger.info("variant %s complete: %d groups built, %d resumed", vid, built, resumed)
