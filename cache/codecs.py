@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cache.grid import PLANES, columns_multiple, group_grid, inverse_permutation, pack_codes, quantize_codes, unpack_codes
+from cache.grid import PLANE_PARTS, PLANES, columns_multiple, group_grid, inverse_permutation, pack_codes, quantize_codes, unpack_codes
 from cache.record import EncodedTensor, dtype_from_name, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -184,19 +184,31 @@ class Int8OutlierCodec(Codec):
 
 
 class Int8ChannelCodec(Codec):
-    """Symmetric int8 per output channel: ``w ≈ q * scale[:, None]``; q in [-127, 127]."""
+    """Symmetric int8 per output channel (row): ``w ≈ q * scale[:, None]``; q in [-127, 127].
+
+    ``scale_dtype``: how the scales are stored. float32 (default), or bfloat16 with each
+    scale rounded up to a bfloat16 value, so that kernels reading bf16 scales compute with
+    exactly the stored weights (the vocabulary rows are stored this way)."""
 
     name = CodecName.INT8_CHANNEL
 
-    def encode(self, w: torch.Tensor, **_: Any) -> EncodedTensor:
+    def encode(self, w: torch.Tensor, *, scale_dtype: torch.dtype | str = torch.float32, **_: Any) -> EncodedTensor:
         self._check_2d(w)
+        scale_dtype = dtype_from_name(scale_dtype.removeprefix("torch.")) if isinstance(scale_dtype, str) else scale_dtype
         w32 = w.float()
         scale = (w32.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [out]
-        q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), {"q": q, "scale": scale.contiguous()})
+        if scale_dtype == torch.bfloat16:
+            # a bf16 step above the exact scale (bf16 spacing is 2^-8 relative; nearest rounding
+            # of s * (1 + 2^-8) stays above s), so every |q| stays within 127
+            scale = (scale * (1 + 2**-8)).to(torch.bfloat16)
+        elif scale_dtype != torch.float32:
+            raise ValueError(f"int8_channel scales are float32 or bfloat16, got {scale_dtype}")
+        q = torch.round(w32 / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        params = {"scale_dtype": "bfloat16"} if scale_dtype == torch.bfloat16 else {}
+        return EncodedTensor(self.name.value, tuple(w.shape), dtype_name(w.dtype), {"q": q, "scale": scale.contiguous()}, params)
 
     def decode(self, enc: EncodedTensor, dtype: torch.dtype) -> torch.Tensor:
-        return (enc.parts["q"].float() * enc.parts["scale"][:, None]).to(dtype)
+        return (enc.parts["q"].float() * enc.parts["scale"].float()[:, None]).to(dtype)
 
     def decode_into(self, enc: EncodedTensor, out: torch.Tensor) -> torch.Tensor:
         out.copy_(enc.parts["q"])
@@ -617,6 +629,34 @@ def get_codec(name: CodecName | str) -> Codec:
         return _CODECS[CodecName(name)]
     except ValueError as e:
         raise ValueError(f"unknown codec {name!r}; this sli knows {[c.value for c in CodecName]}") from e
+
+
+# Codecs whose records decode row by row: the parts indexed by output row (the others are
+# shared by all rows). A few rows of a vocabulary-sized matrix (token embeddings) are decoded
+# alone, without the rest of their record.
+ROW_PARTS: dict[CodecName, frozenset[str]] = {
+    CodecName.RAW: frozenset({"data"}),
+    CodecName.INT8_CHANNEL: frozenset({"q", "scale"}),
+    CodecName.INT8_OUTLIER: frozenset({"q", "scale", "outlier_w"}),
+    CodecName.INT4_GROUP: frozenset({*PLANE_PARTS, "scale", "offset"}),  # not "perm": it orders columns
+    CodecName.INT3_GROUP: frozenset({*PLANE_PARTS, "scale", "offset"}),
+    CodecName.INT2_GROUP: frozenset({*PLANE_PARTS, "scale", "offset"}),
+}
+
+
+def decode_rows(enc: EncodedTensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode only ``rows`` (int64 indices) of a 2-D record, to ``dtype``: ``[len(rows), cols]``.
+
+    Raises:
+        ValueError: the codec does not decode row by row (its blocks span rows, as NF4's do).
+    """
+    codec = CodecName(enc.codec)
+    if codec not in ROW_PARTS or len(enc.shape) != 2:
+        raise ValueError(f"codec {enc.codec} does not decode single rows; decode the whole record")
+    keep = ROW_PARTS[codec]
+    parts = {k: (v.index_select(0, rows) if k in keep else v) for k, v in enc.parts.items()}
+    sub = EncodedTensor(enc.codec, (len(rows), enc.shape[1]), enc.dtype, parts, enc.params)
+    return get_codec(codec).decode(sub, dtype)
 
 
 def decode_tensor(enc: EncodedTensor, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:

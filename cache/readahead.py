@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,31 @@ def advise_willneed(buf: memoryview) -> int:
         if _madvise(a, min(WILLNEED_CHUNK, end - a), _MADV_WILLNEED) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"madvise(MADV_WILLNEED) on {n} bytes failed: {os.strerror(err)}")
+    return n
+
+
+# MADV_PAGEOUT (Linux 5.4+): reclaim the range's pages now. Python's mmap module names it only
+# from 3.12; the number is Linux's own.
+_MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform.startswith("linux") else None)
+PAGEOUT_SUPPORTED = _madvise is not None and _MADV_PAGEOUT is not None
+
+
+def advise_pageout(buf: memoryview) -> int:
+    """Tell the kernel the pages under ``buf`` (a record in a read-only file map) will not be
+    needed again soon, so it reclaims them now rather than pages still in use; returns the
+    bytes advised (0 where the platform cannot). Clean file pages are dropped and read again
+    from the file when next touched. A streamed layer's records get this after the layer has
+    run, so under a memory limit they leave the page cache before the weights kept there."""
+    if not PAGEOUT_SUPPORTED:
+        return 0
+    addr, n = buffer_span(buf)
+    start = -(-addr // _PAGE) * _PAGE  # whole pages inside the record: its neighbours' pages stay
+    end = (addr + n) // _PAGE * _PAGE
+    if end <= start:
+        return 0
+    if _madvise(start, end - start, _MADV_PAGEOUT) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_PAGEOUT) on {n} bytes failed: {os.strerror(err)}")
     return n
 
 

@@ -40,7 +40,7 @@ from cache.errors import (
     VariantNotFoundError,
 )
 from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest, TensorEntry
-from cache.readahead import advise_willneed, drop_file_cache
+from cache.readahead import advise_pageout, advise_willneed, drop_file_cache
 from cache.record import EncodedTensor, decode_record, dtype_from_name, read_header
 
 logger = logging.getLogger(__name__)
@@ -620,6 +620,12 @@ class RecordReader:
         checks the record when it is used."""
         buf = self.txn.get(_k(f"{vid}/{name}"))
         return 0 if buf is None else advise_willneed(buf)
+
+    def pageout(self, vid: str, name: str) -> int:
+        """Tell the kernel a record's pages can go now (see :func:`cache.readahead.advise_pageout`);
+        returns the bytes advised."""
+        buf = self.txn.get(_k(f"{vid}/{name}"))
+        return 0 if buf is None else advise_pageout(buf)
 
     def header(self, vid: str, name: str) -> dict[str, Any]:
         """A record's verified header (codec, shape, dtype, params, and each part's name,

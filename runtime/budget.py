@@ -6,9 +6,17 @@ dtype, KV and activations in it too). The planner first checks whether everythin
 then nothing is streamed and nothing is read per token. Otherwise it keeps the fixed costs
 (KV for the reserved context, activations of one prefill chunk, small tensors, chunk
 buffers for the vocabulary-sized matrices), reserves at least two layer slots (one layer
-computing while the next is decoded), and fills what is left with resident units — decoder
+computing while the next is decoded), and fills what is left with kept units — decoder
 layers and the output head — taking first those that save the most bytes read per token
 for each byte they hold.
+
+Two kinds of memory. The budget bounds what the process holds (anonymous memory: KV,
+activations, slots, weights decoded into memory). Weights that are used in place from the
+cache's memory map (packed int4 weights from the derived copy, raw records already in the
+compute dtype) live in the page cache instead: a kept unit of that kind is *mapped*, held
+in the page cache by use, and counts against the room the host leaves there
+(:class:`PageCacheRoom`: a memory cgroup's limit less what it holds, else available RAM),
+not against the budget. With no room given, mapped bytes count against the budget too.
 """
 
 from __future__ import annotations
@@ -30,14 +38,30 @@ class BudgetTooSmallError(ValueError):
 
 @dataclass(frozen=True)
 class Unit:
-    """Something that is either resident or streamed: a decoder layer (``layer.<i>``, streamed
-    through a slot) or the head (``head``, streamed in row chunks). Bytes held when resident,
-    and bytes read from the cache each time it is streamed."""
+    """Something that is either kept or streamed: a decoder layer (``layer.<i>``, streamed
+    through a slot) or the head (``head``, streamed in row chunks). Bytes held when kept (in
+    compute form), of which ``mapped_bytes`` are used in place from the cache's map, and bytes
+    read from the cache each time it is streamed."""
 
     name: str
     resident_bytes: int
     stored_bytes: int
     uses_slot: bool = True
+    mapped_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PageCacheRoom:
+    """What the page cache can hold for mapped weights. ``total``: memory this process may
+    still use in all (anonymous plus page cache); mapped bytes fit where planned anonymous
+    bytes plus mapped bytes stay within it. ``source`` says how it was found."""
+
+    total: int
+    source: str = ""
+    shared: bool = True  # False: ``total`` is the room for mapped bytes alone (an explicit page-cache size)
+
+    def for_mapped(self, anon_planned: int) -> int:
+        return self.total - anon_planned if self.shared else self.total
 
 
 @dataclass(frozen=True)
@@ -48,13 +72,17 @@ class BudgetPlan:
     fixed: dict[str, int]
     slot_bytes: int
     num_slots: int
-    resident: tuple[str, ...]
+    resident: tuple[str, ...]  # kept units (mapped or held in memory)
     streamed: tuple[str, ...]
-    resident_bytes: int
+    resident_bytes: int  # anonymous bytes of the kept units
     bytes_read_per_pass: int  # cache bytes read for one forward pass
     context_tokens: int = 0
     details: dict[str, int] = field(default_factory=dict)
     source: str = ""  # how an automatic budget was found ("" for an explicit one)
+    mapped: tuple[str, ...] = ()  # of the kept units, those used in place from the map (page cache)
+    mapped_bytes: int = 0
+    page_cache: str = ""  # the room the mapped units were planned into ("" when they count against the budget)
+    inflight_bytes: int = 0  # page cache for streamed records in flight (read ahead, computing)
 
     @property
     def fixed_bytes(self) -> int:
@@ -83,12 +111,18 @@ class BudgetPlan:
     def describe(self) -> str:
         fixed = ", ".join(f"{k} {format_size(v)}" for k, v in self.fixed.items())
         found = f" [{self.source}]" if self.source else ""
+        held = len(self.resident) - len(self.mapped)
+        mapped = (
+            f"{len(self.mapped)} kept mapped in the page cache ({format_size(self.mapped_bytes)}"
+            + (f"; room: {self.page_cache}" if self.page_cache else ", counted in the budget") + "); "
+        )
         return (
             f"budget {format_size(self.budget_bytes)}{found}: fixed {format_size(self.fixed_bytes)} ({fixed}); "
-            f"{len(self.resident)} resident units ({format_size(self.resident_bytes)}); "
+            f"{mapped}{held} held in memory ({format_size(self.resident_bytes)}); "
             f"{len(self.streamed)} streamed ({len(self.streamed_layers)} layers through {self.num_slots} slots of "
-            f"{format_size(self.slot_bytes)}); context {self.context_tokens} tokens; "
-            f"{format_size(self.bytes_read_per_pass)} read per forward pass"
+            f"{format_size(self.slot_bytes)}"
+            + (f", {format_size(self.inflight_bytes)} of records in flight" if self.inflight_bytes else "")
+            + f"); context {self.context_tokens} tokens; {format_size(self.bytes_read_per_pass)} read per forward pass"
         )
 
 
@@ -117,34 +151,50 @@ class MemoryBudget:
         resident_extra: dict[str, int] | None = None,
         num_slots: int = MIN_SLOTS,
         context_tokens: int = 0,
+        page_cache: PageCacheRoom | None = None,
     ) -> BudgetPlan:
-        """Choose resident and streamed units.
+        """Choose kept and streamed units.
 
         Args:
             units: every layer and the head, with their costs.
             fixed: costs always held (KV, activations, small tensors).
             streaming_fixed: costs held only when something is streamed (chunk buffers,
-                decode scratch); resident weights need none of it.
-            resident_extra: costs held only when everything is resident (an untied
-                embedding matrix, which is otherwise looked up from the cache by rows).
+                decode scratch); kept weights need none of it.
+            resident_extra: costs held only when everything is kept.
             num_slots: layer slots when any layer is streamed (at least 2).
             context_tokens: the KV reservation the fixed costs were computed for (reported).
+            page_cache: the room for mapped weights; None: their bytes count against the budget.
 
         Raises:
             BudgetTooSmallError: naming the minimum budget and how to get under it.
         """
         if num_slots < MIN_SLOTS:
             raise ValueError(f"num_slots must be at least {MIN_SLOTS} (double buffering), got {num_slots}")
+        mapping = page_cache is not None
+
+        def anon(u: Unit) -> int:  # what keeping u costs the budget
+            return u.resident_bytes - (u.mapped_bytes if mapping else 0)
+
+        def mapped(u: Unit) -> int:  # what keeping u costs the page cache
+            return u.mapped_bytes if mapping else 0
+
+        def map_room(anon_planned: int) -> int:
+            return page_cache.for_mapped(anon_planned) if mapping else 0
+
+        room_text = page_cache.source if mapping else ""
         extra = {k: v for k, v in (resident_extra or {}).items() if v}
         all_fixed = {**fixed, **extra}
-        all_resident = sum(all_fixed.values()) + sum(u.resident_bytes for u in units)
-        if all_resident <= self.bytes:
+        all_anon = sum(all_fixed.values()) + sum(anon(u) for u in units)
+        all_mapped = sum(mapped(u) for u in units)
+        if all_anon <= self.bytes and all_mapped <= max(map_room(all_anon), 0):
+            names = tuple(u.name for u in units)
             return BudgetPlan(
-                self.bytes, all_fixed, 0, 0, tuple(u.name for u in units), (),
-                all_resident - sum(all_fixed.values()), 0, context_tokens, source=self.source,
+                self.bytes, all_fixed, 0, 0, names, (), all_anon - sum(all_fixed.values()), 0, context_tokens,
+                source=self.source, mapped=tuple(u.name for u in units if mapped(u)), mapped_bytes=all_mapped, page_cache=room_text,
             )
         fixed = {**fixed, **(streaming_fixed or {})}
-        slot = max((u.resident_bytes for u in units if u.uses_slot), default=0)
+        # a slot holds a streamed layer's anonymous part; its mapped part is read in place
+        slot = max((anon(u) for u in units if u.uses_slot), default=0)
         minimum = sum(fixed.values()) + num_slots * slot
         if minimum > self.bytes:
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in fixed.items())
@@ -154,14 +204,20 @@ class MemoryBudget:
                 f"plus {num_slots} streaming slots of {format_size(slot)} (the largest layer); "
                 f"use --memory-budget {_round_up_mb(minimum)}MB or more, a shorter context, or a smaller quantization mode"
             )
+        # records of streamed units pass through the page cache: the one computing, the next read ahead, slack
+        inflight = 3 * max((u.stored_bytes for u in units), default=0) if mapping else 0
         room = self.bytes - minimum
-        resident: list[Unit] = []
+        anon_planned, mapped_planned = minimum, 0
+        kept: list[Unit] = []
         # most bytes saved per token for each byte held first
         for u in sorted(units, key=lambda u: (-u.stored_bytes / max(u.resident_bytes, 1), u.name)):
-            if u.resident_bytes <= room:
-                resident.append(u)
-                room -= u.resident_bytes
-        names = {u.name for u in resident}
+            a, m = anon(u), mapped(u)
+            if a <= room and (not m or mapped_planned + m + inflight <= map_room(anon_planned + a)):
+                kept.append(u)
+                room -= a
+                anon_planned += a
+                mapped_planned += m
+        names = {u.name for u in kept}
         return BudgetPlan(
             budget_bytes=self.bytes,
             fixed=fixed,
@@ -169,10 +225,14 @@ class MemoryBudget:
             num_slots=num_slots,
             resident=tuple(u.name for u in units if u.name in names),
             streamed=tuple(u.name for u in units if u.name not in names),
-            resident_bytes=sum(u.resident_bytes for u in resident),
+            resident_bytes=sum(anon(u) for u in kept),
             bytes_read_per_pass=sum(u.stored_bytes for u in units if u.name not in names),
             context_tokens=context_tokens,
             source=self.source,
+            mapped=tuple(u.name for u in units if u.name in names and mapped(u)),
+            mapped_bytes=mapped_planned,
+            page_cache=room_text,
+            inflight_bytes=inflight,
         )
 
 

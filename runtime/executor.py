@@ -4,13 +4,15 @@ The model's skeleton is built from the manifest's config on the meta device, so 
 no weights. The pieces, each in its own module:
 
 - :mod:`runtime.sizing` sizes every unit and plans the budget (:mod:`runtime.budget` splits it);
-- :mod:`runtime.loader` reads records into slots and chunk buffers (prefetch, read-ahead);
-- :mod:`runtime.surgery` puts weights into the modules and takes them out, and stands in for
-  the embeddings and the head when they stream;
+- :mod:`runtime.derived` lays out and builds the packed int4 copy the kernel reads;
+- :mod:`runtime.loader` maps kept weights in place, decodes the others, and reads streamed
+  records into slots and chunk buffers (prefetch, read-ahead);
+- :mod:`runtime.surgery` puts weights into the modules and takes them out, looks token
+  embeddings up by row, and stands in for the head when it streams;
 - :mod:`runtime.packed` swaps in the packed int4 linears the kernel runs.
 
-Every streamed decoder layer gets a forward pre-hook that fetches its weights from the
-loader and a forward hook that hands them back. Because transformers' own forward drives
+Kept layers get their weights once, at start. Every streamed decoder layer gets a forward
+pre-hook that fetches its weights from the loader and a forward hook that hands them back. Because transformers' own forward drives
 the layers, every architecture it runs (and the registry maps) runs here unchanged.
 """
 
@@ -25,17 +27,30 @@ from cache.manifest import EMBED_GROUP, HEAD_GROUP, GroupEntry, Manifest, Tensor
 from cache.readahead import WILLNEED_SUPPORTED
 from cache.store import LayerStore
 from runtime.arch import ArchSpec
-from runtime.hostmem import readahead_room
-from runtime.kernels import ensure_derived_int4
+from runtime.budget import PageCacheRoom
+from runtime.derived import derived_layout, ensure_derived
+from runtime.hostmem import auto_budget, readahead_room
 from runtime.loader import RecordLoader, StreamStats
-from runtime.memory import bound_allocator
-from runtime.packed import PackedInt4Linear, packed_tensors, swap_packed_modules
+from runtime.memory import bound_allocator, parse_size
+from runtime.packed import PackedInt4Linear, swap_packed_modules
 from runtime.sizing import MAX_AUTO_CONTEXT, MIN_CONTEXT, ModelSizes, plan_streaming
-from runtime.surgery import assign, empty_weights, plain_strides, stream_embeddings, stream_head
+from runtime.surgery import assign, empty_weights, lookup_embeddings, plain_strides, stream_head
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per forward pass during prefill
+
+
+def page_cache_room(page_cache: str | int | None) -> PageCacheRoom | None:
+    """The room for mapped weights that ``page_cache`` asks for (see :class:`StreamingModel`)."""
+    if page_cache is None or page_cache == 0:
+        return None
+    if isinstance(page_cache, str) and page_cache.strip().lower() == "auto":
+        found = auto_budget()
+        return PageCacheRoom(found.budget_bytes, found.source)
+    n = parse_size(page_cache)
+    return PageCacheRoom(n, f"{n >> 20} MiB asked for", shared=False)
+
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "MAX_AUTO_CONTEXT", "MIN_CONTEXT", "PackedInt4Linear", "StreamStats", "StreamingModel",
            "config_from_manifest"]
@@ -56,8 +71,9 @@ class StreamingModel:
     Args:
         store: an open cache.
         variant_id: a complete variant in it.
-        memory_budget: ``"512MB"``, ``"2GiB"`` or bytes; bounds weights held, slots, chunk
-            buffers, the KV cache of ``context_tokens`` and the activations of a prefill chunk.
+        memory_budget: ``"512MB"``, ``"2GiB"``, bytes, or ``"auto"``; bounds the memory the
+            process holds: weights decoded into memory, slots, chunk buffers, the KV cache of
+            ``context_tokens`` and the activations of a prefill chunk.
         dtype: compute dtype; every tensor is decoded to it.
         context_tokens: tokens of KV to reserve (all sequences of a batch together). Default:
             the model's context (at most 4096), shrunk to a quarter of the budget when the
@@ -75,8 +91,14 @@ class StreamingModel:
             with, 2.60 without; the kernel's own fault read-ahead then does better).
         packed_int4: compute int4 linears on their packed weights with torch's CPU kernel
             (bf16 only). Default: on whenever ``dtype`` is bfloat16 and the variant has
-            eligible int4 tensors; they then stay packed in slots and resident (a quarter of
-            their bf16 size), so more layers fit the budget.
+            eligible int4 tensors; they then are used in place from the derived copy's map.
+        fuse: run projections that read one input (q/k/v, gate/up) as one kernel call on
+            their stacked packed weight (see :mod:`runtime.derived`).
+        page_cache: where weights used in place from the map (packed int4, raw records in the
+            compute dtype) are planned: ``"auto"`` (default): into the room the host leaves in
+            the page cache (a memory cgroup's limit less what it holds, else available RAM),
+            beside the budget; a size: into that much page cache; ``0``: into the budget, like
+            everything else. Kept this way, they are read once and nothing is read per token.
         attn_implementation: transformers' attention (``"sdpa"``, ``"eager"``); default: its own choice.
 
     Raises:
@@ -95,6 +117,8 @@ class StreamingModel:
         prefetch: bool = False,
         readahead: bool | None = None,
         packed_int4: bool | None = None,
+        fuse: bool = True,
+        page_cache: str | int | None = "auto",
         attn_implementation: str | None = None,
     ) -> None:
         from accelerate import init_empty_weights
@@ -120,20 +144,21 @@ class StreamingModel:
         self.head_entry = self.embed_entry if self.tied else entries[head_name]
 
         # packed int4: the kernel's own layout, derived from the portable records for this host (built once)
-        self.packed: dict[str, int] = packed_tensors(self.manifest) if packed_int4 is not False else {}
-        if packed_int4 and not self.packed:
+        self.layout = derived_layout(self.manifest, head=self.arch.head, embed=self.arch.embed, fuse=fuse) if packed_int4 is not False else {}
+        if packed_int4 and not self.layout:
             raise ValueError("packed_int4=True but this variant has no int4 tensors the CPU int4 kernel can take")
-        if self.packed and dtype != torch.bfloat16:
+        if self.layout and dtype != torch.bfloat16:
             if packed_int4:
                 raise ValueError("the packed int4 kernel computes in bfloat16; pass dtype=torch.bfloat16")
-            self.packed = {}
-        self.packed = swap_packed_modules(self.model, self.packed)
-        self.derived: LayerStore | None = (
-            ensure_derived_int4(store, variant_id, self.manifest.groups, set(self.packed)) if self.packed else None
-        )
+            self.layout = {}
+        self.targets = swap_packed_modules(self.model, self.layout)
+        self.packed = {s: d.group_size for items in self.layout.values() for d in items for s in d.sources}
+        self.derived: LayerStore | None = ensure_derived(store, variant_id, self.layout) if self.layout else None
 
-        sizes = ModelSizes(self._groups, len(self.layers), self.embed_entry, self.head_entry, self.tied, dtype, self.packed)
-        sp = plan_streaming(sizes, self.config, memory_budget, context_tokens, prefill_chunk)
+        sizes = ModelSizes(self._groups, len(self.layers), self.embed_entry, self.head_entry, self.tied, dtype, self.layout)
+        self.head_derived = sizes.head_derived
+        self.units = sizes.units()  # what each layer and the head costs, kept or streamed
+        sp = plan_streaming(sizes, self.config, memory_budget, context_tokens, prefill_chunk, page_cache_room(page_cache))
         self.plan, self.full_bytes, self.minimum_bytes, self.prefill_chunk = sp.plan, sp.full_bytes, sp.minimum_bytes, sp.prefill_chunk
         self.context_tokens = self.plan.context_tokens
         logger.info("%s", self.plan.describe())
@@ -141,13 +166,17 @@ class StreamingModel:
         readahead = self._choose_readahead(readahead)
         streaming = self.plan.streaming
         self.loader = RecordLoader(
-            store, self.derived, variant_id, self._groups, self.arch.layers, dtype, self.packed,
+            store, self.derived, variant_id, self._groups, self.arch.layers, dtype, self.layout,
             chunk_elems=sizes.chunk_elems(), prefetch=prefetch and streaming, readahead=bool(readahead and streaming),
+            # streamed records leave the page cache after use when weights kept there must not go first
+            pageout=bool(self.plan.streamed_layers and self.plan.mapped),
         )
         self._hooks: list = []
         self._load_fixed()
         streamed = self.plan.streamed_layers
-        self.loader.stream_layers(streamed, self.plan.num_slots, self.head_entry if "head" not in self.plan.resident else None)
+        head_streams = "head" not in self.plan.resident
+        self.loader.stream_layers(streamed, self.plan.num_slots, self.head_entry if head_streams else None,
+                                  self.head_derived if head_streams else None)
         for i in streamed:
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_loader(i)))
             self._hooks.append(self.layers[i].register_forward_hook(self._make_releaser(i)))
@@ -166,31 +195,34 @@ class StreamingModel:
             raise ValueError("readahead=True, but this platform has no madvise(MADV_WILLNEED); leave readahead unset")
         return readahead
 
-    # -- fixed weights -----------------------------------------------------------------------
+    # -- kept weights ------------------------------------------------------------------------
     def _load_fixed(self) -> None:
-        """Small tensors always; embeddings, head and layers the plan keeps resident."""
-        resident = set(self.plan.resident)
-        embed_resident = not self.plan.streaming or (self.tied and "head" in resident)
+        """Small tensors always; the head and the layers the plan keeps (mapped or held);
+        embeddings looked up by row; the head applied by chunks when it streams."""
+        kept = set(self.plan.resident)
         for gname in (EMBED_GROUP, HEAD_GROUP):
             for t in self._groups[gname].tensors:
-                if t is self.embed_entry and not embed_resident:
-                    continue
-                if t is self.head_entry and not self.tied and "head" not in resident:
-                    continue
-                assign(self.model, {t.name: self.loader.read_whole(t)})
-        if embed_resident and self.tied:
-            assign(self.model, {f"{self.arch.head}.weight": self.model.get_submodule(self.arch.embed).weight})
-        if "head" in resident or embed_resident:
-            head = self.model.get_submodule(self.arch.head)
+                if t is not self.embed_entry and t is not self.head_entry:
+                    assign(self.model, {t.name: self.loader.keep_tensor(t)})
+        head_path = self.arch.head
+        if "head" in kept:
+            if self.head_derived is not None:
+                self.targets[self.head_derived.name].weight_packed = self.loader.keep_derived(self.head_derived)
+            else:
+                assign(self.model, {f"{head_path}.weight": self.loader.keep_tensor(self.head_entry)})
+            head = self.model.get_submodule(head_path)
             self._hooks.append(head.register_forward_pre_hook(lambda mod, args: (plain_strides(args[0]), *args[1:])))
-        for i in self.plan.resident_layers:
-            assign(self.model, {t.name: self.loader.read_whole(t) for t in self._groups[layer_group(i)].tensors})
-        if not embed_resident or "head" not in resident:
+        else:
             self.loader.chunk_buffers()
-        if not embed_resident:
-            self._hooks += stream_embeddings(self.model.get_submodule(self.arch.embed), self.loader, self.embed_entry, self.dtype)
-        if "head" not in resident:
-            stream_head(self.model, self.arch.head, self.loader, self.head_entry)
+            stream_head(self.model, head_path, self.loader, self.head_entry, packed=self.head_derived is not None)
+        if self.tied and "head" in kept and self.head_derived is None:
+            # the decoded head is the embedding matrix: look rows up in it rather than in the records
+            emb = self.model.get_submodule(self.arch.embed)
+            emb._parameters["weight"] = self.model.get_submodule(head_path).weight
+        else:
+            self._hooks += lookup_embeddings(self.model.get_submodule(self.arch.embed), self.loader, self.embed_entry, self.dtype)
+        for i in self.plan.resident_layers:
+            assign(self.model, self.loader.keep_layer(i), self.targets)
 
     # -- streamed layers -------------------------------------------------------------------
     def _release(self, i: int) -> None:
@@ -199,7 +231,7 @@ class StreamingModel:
 
     def _make_loader(self, i: int):
         def hook(module: nn.Module, args) -> None:
-            assign(self.model, self.loader.fetch_layer(i))
+            assign(self.model, self.loader.fetch_layer(i), self.targets)
 
         return hook
 

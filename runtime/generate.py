@@ -131,7 +131,7 @@ class GenerationStats:
     bytes_read_per_token: float = 0.0  # cache bytes read per decode step
     prefetch_hit_rate: float = 0.0
     hidden_io_fraction: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # anonymous RSS over the start, sampled at token boundaries (benchmarks sample every few ms)
     cached_tokens: int = 0  # prompt tokens whose KV was reused (from memory or disk)
     disk_cached_tokens: int = 0  # of those, loaded from the spill store
     prefill_tokens: int = 0  # prompt tokens actually computed
@@ -312,7 +312,7 @@ def stream(
     out.token_ids = out.batch_token_ids[0]
     reasons = [""] * batch
     seen = input_ids
-    mem = PeakMemorySampler().__enter__()
+    mem = PeakMemorySampler(interval=None).__enter__()  # sampled at token boundaries: no polling thread
     t0 = t1 = time.perf_counter()
     prefill_bytes = 0
     steps = 0
@@ -328,6 +328,7 @@ def stream(
             cache, cached, stats.disk_cached_tokens = prefix_cache.start(prompt)
         stats.cached_tokens, stats.prefill_tokens = cached, stats.prompt_tokens - cached
         logits, cache = prefill(model, input_ids[:, cached:], attention_mask, cache=cache)
+        mem.sample()
         tok = choose(seen, logits)
         t1 = time.perf_counter()
         stats.time_to_first_token_s = t1 - t0
@@ -351,6 +352,7 @@ def stream(
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             logits, cache = decode_step(model, tok[:, None], cache, attention_mask)
+            mem.sample()
             steps += 1
             tok = choose(seen, logits)
     finally:

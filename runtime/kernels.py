@@ -10,26 +10,20 @@ multiplied a known matrix correctly in this process (:meth:`Int4CpuKernel.prove`
 
 Converting costs far less than decoding but more than copying, and a streamed layer is
 loaded once per token, so the converted weights are kept in a *derived copy* beside the
-cache (``<cache>/derived/<fingerprint>``), fingerprinted by torch version and CPU
-capability: a cache moved to another host derives its own copy on first use. Every derived
-tensor is checked against its dequantized reference when it is written.
+cache (:mod:`runtime.derived`), fingerprinted by torch version and CPU capability.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from cache.codecs import CodecName, get_codec
-from cache.manifest import GroupEntry, TensorEntry
-from cache.record import EncodedTensor, encode_record
-from cache.store import LayerStore
+from cache.record import EncodedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +31,6 @@ logger = logging.getLogger(__name__)
 # dequantized reference: bf16 activations and bf16 scales cost ~0.2-0.5%; a scrambled
 # layout gives ~140%
 KERNEL_TOLERANCE = 0.03
-DERIVED_DIR = "derived"
 _CONVERT_ROWS = 4096  # rows converted at once (a multiple of every kernel block): bounds temporaries
 
 
@@ -55,13 +48,29 @@ def cpu_capability() -> str:
 class PackedInt4:
     """One linear weight in the int4 kernel's own layout (never written to the main cache).
 
-    ``packed``: ``[out, in / 2]`` uint8 in the kernel's private order; ``scales_and_zeros``:
-    ``[in / group_size, out, 2]`` bf16 with ``w = (q - 8) * scale + zero``.
+    ``packed``: ``[planes * out, in / 2]`` uint8 in the kernel's private order;
+    ``scales_and_zeros``: ``[in / group_size, planes * out, 2]`` bf16 with ``w = (q - 8) *
+    scale + zero``. With ``planes=2`` the weight is an 8-bit one split into two 4-bit planes
+    stacked along the rows (high nibbles first): the product is the sum of the two halves'
+    (see :meth:`Int4CpuKernel.split_int8`).
     """
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
     group_size: int
+    planes: int = 1
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0] // self.planes
+
+    def rows(self, r0: int, r1: int) -> "PackedInt4":
+        """Output rows ``r0:r1`` (a multiple of the kernel's row block apart), as their own weight."""
+        n = self.out_features
+        idx = [slice(p * n + r0, p * n + r1) for p in range(self.planes)]
+        packed = self.packed[idx[0]] if self.planes == 1 else torch.cat([self.packed[i] for i in idx])
+        sz = torch.cat([self.scales_and_zeros[:, i] for i in idx], dim=1)
+        return PackedInt4(packed, sz, self.group_size, self.planes)
 
     @property
     def nbytes(self) -> int:
@@ -100,32 +109,80 @@ class Int4CpuKernel:
         return [n, k // 2], [k // group_size, n, 2]
 
     @classmethod
-    def pack(cls, enc: EncodedTensor) -> PackedInt4:
-        """Convert a portable ``int4_group`` record into the kernel's layout, with torch's converter."""
+    def _require(cls) -> None:
         if not cls.available():
             raise KernelError(
                 f"torch {torch.__version__} has no CPU int4 kernel (torch._weight_int4pack_mm_for_cpu); "
                 "install the locked torch (`make setup`) or compute in float32 (--dtype float32)"
             )
+
+    @classmethod
+    def pack(cls, enc: EncodedTensor) -> PackedInt4:
+        """Convert a portable ``int4_group`` record into the kernel's layout, with torch's converter."""
         n, k = enc.shape
         gs = int(enc.params["group_size"])
         codec = get_codec(CodecName.INT4_GROUP)
-        packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        for r0 in range(0, n, _CONVERT_ROWS):
-            rows = slice(r0, min(n, r0 + _CONVERT_ROWS))
-            codes = codec.unpack(enc, rows)[:, :k].to(torch.int32)  # [rows, in]
-            packed[rows] = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-            del codes
         scale = enc.parts["scale"].float()  # [out, groups]
         zero = enc.parts["offset"].float() + 8 * scale  # the kernel centres codes on 8
+        return cls._pack_codes(n, k, lambda plane, rows: codec.unpack(enc, rows)[:, :k], scale, zero, gs)
+
+    @classmethod
+    def _pack_codes(cls, n: int, k: int, codes_of, scale: torch.Tensor, zero: torch.Tensor, gs: int, planes: int = 1) -> PackedInt4:
+        """Pack ``codes_of(plane, rows)`` ([rows, k] codes 0..15 of a slice of a plane's ``n``
+        rows) with torch's converter, a block of rows at a time, planes stacked along the rows;
+        ``scale``, ``zero``: ``[planes * n, k / gs]``."""
+        cls._require()
+        packed = torch.empty(planes * n, k // 2, dtype=torch.uint8)
+        for p in range(planes):
+            for r0 in range(0, n, _CONVERT_ROWS):
+                rows = slice(r0, min(n, r0 + _CONVERT_ROWS))
+                codes = codes_of(p, rows).to(torch.int32)
+                packed[p * n + rows.start : p * n + rows.stop] = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [groups, out, 2]
-        return PackedInt4(packed, sz, gs)
+        return PackedInt4(packed, sz, gs, planes)
+
+    @classmethod
+    def split_group_size(cls, k: int) -> int | None:
+        """The group size an 8-bit weight of ``k`` columns is split with (its scale is per row,
+        so the largest that divides ``k``), or None when none does."""
+        return next((g for g in sorted(cls.GROUP_SIZES, reverse=True) if k % g == 0), None)
+
+    @classmethod
+    def split_int8(cls, enc: EncodedTensor) -> PackedInt4:
+        """An ``int8_channel`` record with bf16 scales as two 4-bit planes the int4 kernel runs:
+        with ``u = q + 128 = 16 h + l``, ``w = s q = (h - 8) 16s + 8s`` plus ``(l - 8) s``.
+        Every scale and zero is exact in bf16 (``s`` is stored in bf16; the others are ``s``
+        times a power of two), and the kernel dequantizes and accumulates in fp32, so the two
+        halves sum to the stored weights' product up to the rounding of each half's bf16
+        output: as many bytes as int8, at the int4 kernel's speed."""
+        n, k = enc.shape
+        gs = cls.split_group_size(k)
+        s = enc.parts["scale"].float()[:, None].expand(n, k // gs)
+        q = enc.parts["q"]
+
+        def codes_of(plane: int, rows: slice) -> torch.Tensor:
+            u = q[rows].to(torch.int32) + 128  # [rows, k], 1..255
+            return u >> 4 if plane == 0 else u & 15
+
+        # both halves centred on their codes' middle, so neither carries a large common offset
+        # whose bf16 rounding would not cancel: 16s (h - 8) + 8s  and  s (l - 8)
+        return cls._pack_codes(n, k, codes_of, torch.cat([16 * s, s]), torch.cat([8 * s, torch.zeros_like(s)]), gs, planes=2)
+
+    @classmethod
+    def splittable(cls, shape: list[int] | tuple[int, ...], params: dict) -> bool:
+        """Whether an ``int8_channel`` tensor can run as two planes: bf16 scales (exact in the
+        kernel), rows in whole kernel blocks (64), and a group size that divides the columns."""
+        return (len(shape) == 2 and params.get("scale_dtype") == "bfloat16" and shape[0] % 64 == 0
+                and cls.split_group_size(shape[1]) is not None)
 
     @staticmethod
     def matmul(x: torch.Tensor, w: PackedInt4) -> torch.Tensor:
         """``x @ W.T`` for bf16 ``x [..., in]``."""
         x2 = x.reshape(-1, x.shape[-1])
         y = torch._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.scales_and_zeros)
+        if w.planes == 2:
+            n = w.out_features
+            y = y[:, :n] + y[:, n:]
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @classmethod
@@ -172,70 +229,3 @@ class Int4CpuKernel:
         cls._proved[fp] = err
         logger.info("kernel %s proved on %s (relative error %.2e)", cls.name, fp, err)
         return err
-
-
-def derived_store_path(cache_path, fingerprint: str):
-    """Where the derived copy for a kernel fingerprint lives beside a cache."""
-    return cache_path / DERIVED_DIR / re.sub(r"[^a-z0-9._-]", "_", fingerprint)
-
-
-def ensure_derived_int4(store: LayerStore, vid: str, groups: list[GroupEntry], names: set[str], *, progress: bool = True) -> LayerStore:
-    """Open (building what is missing) the derived copy that holds ``names`` in the CPU int4
-    kernel's layout. Each group is written in one transaction, so a killed build resumes;
-    each tensor is checked against its dequantized reference before it is written.
-
-    Raises:
-        KernelError: the kernel is missing or wrong on this host.
-    """
-    kernel = Int4CpuKernel
-    kernel.prove()
-    path = derived_store_path(store.path, kernel.fingerprint())
-
-    def missing(st: LayerStore) -> list[GroupEntry]:
-        return [g for g in groups if any(t.name in names for t in g.tensors) and st.get_group(vid, g.name) is None]
-
-    if (path / "data.mdb").exists():
-        ro = LayerStore(path, readonly=True)
-        if not missing(ro):
-            return ro
-        ro.close()
-    try:
-        derived = LayerStore(path)
-    except OSError as e:
-        raise KernelError(
-            f"the packed int4 kernel needs its weights derived into {path}, which cannot be written ({e}); "
-            "make the cache directory writable, or compute in float32 (--dtype float32)"
-        ) from e
-    try:
-        todo = missing(derived)
-        logger.info("deriving %s weights for %d groups into %s", kernel.fingerprint(), len(todo), path)
-        for g in tqdm(todo, desc=f"derive {kernel.fingerprint()}", unit="layer", disable=not progress):
-            _derive_group(store, derived, vid, g, names)
-    finally:
-        derived.close()
-    return LayerStore(path, readonly=True)
-
-
-def _derive_group(store: LayerStore, derived: LayerStore, vid: str, g: GroupEntry, names: set[str]) -> None:
-    kernel = Int4CpuKernel
-    entries, records = [], {}
-    for t in g.tensors:
-        if t.name not in names:
-            continue
-        enc = store.get_record(vid, t.name)
-        w = kernel.pack(enc)
-        kernel.check(enc, w, t.name)
-        parts = {"packed": w.packed, "scales_and_zeros": w.scales_and_zeros}
-        params = {"kernel": kernel.fingerprint(), "group_size": w.group_size}
-        rec, info = encode_record(EncodedTensor("kernel_pack", tuple(t.shape), "bfloat16", parts, params), compress_level=0)
-        records[t.name] = rec
-        entries.append(
-            TensorEntry(t.name, g.name, "kernel_pack", list(t.shape), "bfloat16", t.original_bytes, info.raw_len,
-                        info.stored_len, False, t.rel_mse, t.max_abs_err, params={"group_size": w.group_size})
-        )
-    derived.put_group(vid, GroupEntry(g.name, entries), records)
-
-
-def packed_from_record(enc: EncodedTensor) -> PackedInt4:
-    """A derived record's parts as a :class:`PackedInt4` (views into the record)."""
-    return PackedInt4(enc.parts["packed"], enc.parts["scales_and_zeros"], int(enc.params["group_size"]))

@@ -1,11 +1,21 @@
 """Getting weights from the cache into memory the model computes from: the record loader.
 
-A :class:`SlotPool` holds preallocated buffers for streamed layers; :class:`RecordLoader`
-decodes a layer's records into a slot (packed int4 weights are used in place, as views into
-the derived copy's map, kept open until the slot is released), decodes embedding and head
-row chunks into two chunk buffers, reads resident tensors whole, prefetches the next layer
-on a thread when asked, and advises the kernel to read ahead. A device is one more loader
-and slot pool of this shape (host decode, then a copy).
+Three ways a weight reaches a module:
+
+- **mapped**: used in place from the cache's memory map for the model's lifetime (packed
+  int4 weights from the derived copy, raw records already in the compute dtype). The pages
+  stay in the page cache by use; nothing is copied and nothing is read per token once they
+  are there. A long-lived read transaction keeps the views valid.
+- **held**: decoded once into memory the process owns (a kept unit whose codec needs
+  decoding: NF4, int8, a dtype change).
+- **streamed**: a :class:`SlotPool` holds preallocated buffers for streamed layers;
+  :meth:`RecordLoader.fetch_layer` decodes a layer's records into a slot (packed weights are
+  used in place from the map, with a transaction that lives until the slot is released),
+  prefetches the next layer on a thread when asked, and advises the kernel to read ahead.
+
+Embedding rows are decoded from their records as tokens need them; the head, when it is not
+kept, is applied one row chunk at a time. A device is one more loader and slot pool of this
+shape (host decode, then a copy).
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cache.codecs import CodecName, decode_tensor
+from cache.codecs import CodecName, ROW_PARTS, decode_rows, decode_tensor
 from cache.manifest import GroupEntry, TensorEntry, layer_group
-from cache.store import LayerStore
+from cache.store import LayerStore, RecordReader
+from runtime.derived import DerivedTensor, packed_from_record
 from runtime.kernels import PackedInt4
-from runtime.packed import packed_view
+from runtime.sizing import mappable
 
 
 @dataclass
@@ -50,7 +61,7 @@ class StreamStats:
 
 @dataclass
 class LoadedLayer:
-    """A decoded layer: tensor name -> tensor (or :class:`PackedInt4`), and what loading cost."""
+    """A decoded layer: tensor name (or derived name) -> tensor or :class:`PackedInt4`, and what loading cost."""
 
     tensors: dict[str, torch.Tensor | PackedInt4]
     seconds: float
@@ -129,10 +140,13 @@ class RecordLoader:
         groups: group name -> entry.
         layers_prefix: the dotted path of the decoder layers (``model.layers``).
         dtype: the compute dtype every record is decoded to.
-        packed: packed int4 tensor names -> group size.
+        layout: the derived copy's tensors by group (packed weights, stacked projections, the head).
         chunk_elems: elements of one chunk buffer (the largest embedding/head row chunk).
         prefetch: decode the next layer on a background thread.
         readahead: advise the kernel to read the next layer's records on a thread of its own.
+        pageout: after a streamed layer has run, tell the kernel its records can leave the page
+            cache now (``MADV_PAGEOUT``), so that under a memory limit they go before the
+            weights kept mapped there, which every token uses too (an LRU cannot tell them apart).
     """
 
     def __init__(
@@ -143,14 +157,16 @@ class RecordLoader:
         groups: dict[str, GroupEntry],
         layers_prefix: str,
         dtype: torch.dtype,
-        packed: dict[str, int],
+        layout: dict[str, list[DerivedTensor]],
         *,
         chunk_elems: int,
         prefetch: bool,
         readahead: bool,
+        pageout: bool = False,
     ) -> None:
         self.store, self.derived, self.variant_id = store, derived, variant_id
-        self.groups, self.layers_prefix, self.dtype, self.packed = groups, layers_prefix, dtype, packed
+        self.groups, self.layers_prefix, self.dtype, self.layout = groups, layers_prefix, dtype, layout
+        self.covered = {s for items in layout.values() for d in items for s in d.sources}
         self.chunk_elems = chunk_elems
         self.stats = StreamStats()
         self.slots: SlotPool | None = None
@@ -165,7 +181,11 @@ class RecordLoader:
         )
         # advice to the kernel, on a thread of its own (the calls wait on the disk's queue, not on a core)
         self._readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-readahead") if readahead else None
+        self.pageout = pageout
         self._head_entry: TensorEntry | None = None
+        self._head_derived: DerivedTensor | None = None
+        # long-lived transactions behind mapped weights (valid until close)
+        self._kept: dict[str, RecordReader] = {}
 
     @property
     def prefetching(self) -> bool:
@@ -175,29 +195,48 @@ class RecordLoader:
     def reading_ahead(self) -> bool:
         return self._readahead is not None
 
-    def stream_layers(self, streamed: tuple[int, ...], slots: int, head: TensorEntry | None) -> None:
+    def stream_layers(self, streamed: tuple[int, ...], slots: int, head: TensorEntry | None, head_derived: DerivedTensor | None) -> None:
         """Set up the slots for the streamed layers, in the order they run (wrapping to the
-        first for the next pass); ``head``: the head entry when it streams too."""
+        first for the next pass); ``head``: the head entry when it streams too (and its packed
+        form in the derived copy, if any)."""
         self.next_layer = {i: streamed[(k + 1) % len(streamed)] for k, i in enumerate(streamed)}
         # packed weights take no slot buffer: they are used in place, from the map
-        self.slots = SlotPool(slots, role_sizes(self.groups, self.layers_prefix, streamed, self.packed), self.dtype) if streamed else None
+        self.slots = SlotPool(slots, role_sizes(self.groups, self.layers_prefix, streamed, self.covered), self.dtype) if streamed else None
         self.head_after = streamed[-1] if streamed and head is not None else None
-        self._head_entry = head
+        self._head_entry, self._head_derived = head, head_derived
 
     def account(self, stored: int, seconds: float) -> None:
         self.stats.bytes_read += stored
         self.stats.load_seconds += seconds
 
-    # -- whole tensors (resident) --------------------------------------------------------------
-    def read_whole(self, t: TensorEntry) -> torch.Tensor | PackedInt4:
+    # -- kept weights (mapped or held) ---------------------------------------------------------
+    def _kept_reader(self, which: str) -> RecordReader:
+        if which not in self._kept:
+            self._kept[which] = (self.derived if which == "derived" else self.store).open_reader()
+        return self._kept[which]
+
+    def keep_derived(self, d: DerivedTensor) -> PackedInt4:
+        """A derived tensor, mapped for the model's lifetime."""
         t0 = time.perf_counter()
-        if t.name in self.packed:  # resident: owned memory, not the map
-            with self.derived.reader() as r:
-                v = packed_view(r.get(self.variant_id, t.name), t, self.packed[t.name])
-                out = PackedInt4(v.packed.clone(), v.scales_and_zeros.clone(), v.group_size)
+        enc = self._kept_reader("derived").get(self.variant_id, d.name)
+        self.account(d.packed_bytes, time.perf_counter() - t0)
+        return packed_from_record(enc)
+
+    def keep_tensor(self, t: TensorEntry) -> torch.Tensor:
+        """A tensor kept for the model's lifetime: mapped where its record is usable in place,
+        else decoded into owned memory."""
+        t0 = time.perf_counter()
+        if mappable(t, self.dtype):
+            out = self._kept_reader("main").get(self.variant_id, t.name).parts["data"].view(t.shape)
         else:
             out = self.store.read_tensor(self.variant_id, t, self.dtype)
         self.account(t.stored_bytes, time.perf_counter() - t0)
+        return out
+
+    def keep_layer(self, i: int) -> dict[str, torch.Tensor | PackedInt4]:
+        g = layer_group(i)
+        out: dict[str, torch.Tensor | PackedInt4] = {d.name: self.keep_derived(d) for d in self.layout.get(g, ())}
+        out.update({t.name: self.keep_tensor(t) for t in self.groups[g].tensors if t.name not in self.covered})
         return out
 
     # -- row chunks (embeddings, head) ---------------------------------------------------------
@@ -235,6 +274,27 @@ class RecordLoader:
             self.account(e.stored_bytes // e.num_chunks, time.perf_counter() - t0)
             fn(w)
 
+    def rows(self, e: TensorEntry, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (int64, unique) of a vocabulary-sized tensor, ``[len(ids), *row shape]``
+        in the compute dtype: each record decodes just the rows asked of it where its codec
+        decodes row by row; others decode the chunk."""
+        rows_per = e.chunk_rows or e.shape[0]
+        out = torch.empty(len(ids), *e.shape[1:], dtype=self.dtype)
+        chunk_of = ids // rows_per
+        t0 = time.perf_counter()
+        with self.store.reader() as r:
+            for k in torch.unique(chunk_of).tolist():
+                sel = (chunk_of == k).nonzero().squeeze(1)
+                local = ids.index_select(0, sel) - k * rows_per
+                enc = r.get(self.variant_id, e.record_names()[k])
+                if CodecName(enc.codec) in ROW_PARTS:
+                    out[sel] = decode_rows(enc, local, self.dtype)
+                else:
+                    out[sel] = decode_tensor(enc, out=self._chunk_view(e, enc.shape[0], 0)).index_select(0, local)
+                self.stats.chunks_loaded += 1
+        self.stats.load_seconds += time.perf_counter() - t0
+        return out
+
     def submit_chunk(self, e: TensorEntry, k: int, buf: int) -> Future:
         return self._pool.submit(self._decode_chunk, e, k, buf)
 
@@ -246,6 +306,15 @@ class RecordLoader:
         self.account(got.stored_bytes, got.seconds)
         return got.weight
 
+    @contextlib.contextmanager
+    def packed_head(self):
+        """The streamed head's packed weight, mapped for one forward pass."""
+        t0 = time.perf_counter()
+        with self.derived.reader() as r:
+            w = packed_from_record(r.get(self.variant_id, self._head_derived.name))
+            self.account(self._head_derived.packed_bytes, time.perf_counter() - t0)
+            yield w
+
     # -- streamed layers -----------------------------------------------------------------------
     def decode_layer(self, i: int, slot: Slot) -> LoadedLayer:
         """Layer i's tensors (thread-safe: each read has its own transaction). Packed int4
@@ -253,30 +322,39 @@ class RecordLoader:
         stays open in ``slot.reader`` until the layer is released. Others are decoded into
         ``slot``."""
         t0 = time.perf_counter()
+        g = layer_group(i)
         prefix = f"{self.layers_prefix}.{i}."
         out: dict[str, torch.Tensor | PackedInt4] = {}
-        if self.derived is not None:
+        if self.layout.get(g):
             slot.reader = self.derived.open_reader()
+            for d in self.layout[g]:
+                out[d.name] = packed_from_record(slot.reader.get(self.variant_id, d.name))
         with self.store.reader() as r:
-            for t in self.groups[layer_group(i)].tensors:
-                if t.name in self.packed:
-                    out[t.name] = packed_view(slot.reader.get(self.variant_id, t.name), t, self.packed[t.name])
+            for t in self.groups[g].tensors:
+                if t.name in self.covered:
                     continue
                 dst = slot.view(t.name.removeprefix(prefix), t.shape)
                 decode_tensor(r.get(self.variant_id, t.name), out=dst)
                 out[t.name] = dst
         return LoadedLayer(out, time.perf_counter() - t0)
 
-    def _advise_layer(self, i: int) -> int:
+    def _advise_layer(self, i: int, how: str = "advise") -> int:
         """Have the kernel read layer i's records ahead of need, in large reads (on the
-        read-ahead thread); returns the bytes advised."""
+        read-ahead thread), or (``how="pageout"``) let them go; returns the bytes advised."""
+        g = layer_group(i)
         n = 0
         with self.store.reader() as r, (self.derived.reader() if self.derived else contextlib.nullcontext()) as dr:
-            for t in self.groups[layer_group(i)].tensors:
-                n += (dr if t.name in self.packed else r).advise(self.variant_id, t.name)
+            for d in self.layout.get(g, ()):
+                n += getattr(dr, how)(self.variant_id, d.name)
+            for t in self.groups[g].tensors:
+                if t.name not in self.covered:
+                    n += getattr(r, how)(self.variant_id, t.name)
         return n
 
     def _advise_head(self) -> int:
+        if self._head_derived is not None:
+            with self.derived.reader() as r:
+                return r.advise(self.variant_id, self._head_derived.name)
         with self.store.reader() as r:
             return sum(r.advise(self.variant_id, name) for name in self._head_entry.record_names())
 
@@ -294,7 +372,10 @@ class RecordLoader:
             got = fut.result()
         self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.layers_loaded += 1
-        self.account(self.groups[layer_group(i)].stored_bytes, got.seconds)
+        g = layer_group(i)
+        stored = sum(d.packed_bytes for d in self.layout.get(g, ())) + sum(
+            t.stored_bytes for t in self.groups[g].tensors if t.name not in self.covered)
+        self.account(stored, got.seconds)
         nxt = self.next_layer[i]
         if self._readahead is not None:
             if nxt != i:
@@ -308,6 +389,8 @@ class RecordLoader:
     def release_layer(self, i: int) -> None:
         if self.slots is not None:
             self.slots.release(i)
+            if self.pageout:
+                self._advise_layer(i, "pageout")
 
     def abandon(self) -> None:
         """After a forward pass that did not finish: wait for the prefetch, free every slot."""
@@ -330,3 +413,6 @@ class RecordLoader:
         self._pending.clear()
         if self.slots is not None:
             self.slots.release_all()
+        for r in self._kept.values():
+            r.close()
+        self._kept.clear()

@@ -1,22 +1,28 @@
-"""Packed int4 linears: which layer weights run on the packed kernel, the module that runs
-them, and their weights as typed views into the derived copy (see :mod:`runtime.kernels`)."""
+"""Packed int4 linears: the modules that run the derived copy's weights on torch's CPU int4
+kernel (see :mod:`runtime.kernels`, :mod:`runtime.derived`), swapped into transformers' own
+model in place of its ``nn.Linear`` modules.
+
+- :class:`PackedInt4Linear`: one weight, one kernel call.
+- :class:`StackedProjection` with its :class:`StackedMember` modules: projections that read
+  the same input (``q_proj``, ``k_proj``, ``v_proj``) run as one kernel call on their stacked
+  weight; each member module returns its rows of that output. The first member called with
+  an input computes for all; the others take their slice of the same result. transformers'
+  own attention and MLP code call the members as before, so nothing else changes.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from cache.codecs import CodecName
-from cache.manifest import Manifest, TensorEntry, layer_index
-from runtime.kernels import Int4CpuKernel, PackedInt4, packed_from_record
+from runtime.derived import DerivedTensor
+from runtime.kernels import Int4CpuKernel, PackedInt4
 
 
 class PackedInt4Linear(nn.Module):
     """A linear layer computing on 4-bit weights with torch's CPU kernel (bf16 activations):
     nothing is dequantized. Its weight is a :class:`PackedInt4` in the kernel's own layout,
-    derived from the portable record for this host (see :mod:`runtime.kernels`)."""
+    derived from the portable record for this host."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -31,40 +37,76 @@ class PackedInt4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def packed_tensors(manifest: Manifest) -> dict[str, int]:
-    """Layer weights the CPU int4 kernel can take: name -> group size."""
-    out = {}
-    for g in manifest.groups:
-        if layer_index(g.name) is None:
-            continue
-        for t in g.tensors:
-            if t.codec == CodecName.INT4_GROUP.value and t.name.endswith(".weight") and Int4CpuKernel.eligible(t.shape, t.params):
-                out[t.name] = int(t.params["group_size"])
-    return out
+class StackedProjection:
+    """The stacked weight of several projections of one input, and the last result.
+
+    Invariant: ``_left`` members have yet to take their rows of ``_y``, computed for ``_x``."""
+
+    def __init__(self, rows: tuple[int, ...]) -> None:
+        self.bounds = [(sum(rows[:k]), sum(rows[: k + 1])) for k in range(len(rows))]
+        self.weight_packed: PackedInt4 | None = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._left = 0
+
+    def rows_of(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or self._left == 0:
+            if self.weight_packed is None:
+                raise RuntimeError("stacked int4 projection ran without its weights loaded")
+            self._y = Int4CpuKernel.matmul(x, self.weight_packed)  # [..., sum of rows]
+            self._x, self._left = x, len(self.bounds)
+        y = self._y
+        self._left -= 1
+        if self._left == 0:  # every member has its rows: drop the references
+            self._x = self._y = None
+        lo, hi = self.bounds[k]
+        return y[..., lo:hi]
+
+    def clear(self) -> None:
+        self.weight_packed = self._x = self._y = None
+        self._left = 0
 
 
-def swap_packed_modules(model: nn.Module, packed: dict[str, int]) -> dict[str, int]:
-    """Put a :class:`PackedInt4Linear` in place of each plain linear named in ``packed``;
-    returns the names swapped (weights of other module types stay dequantized)."""
-    swapped = {}
-    for name, gs in packed.items():
-        parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, attr)
-        if isinstance(linear, nn.Linear):
-            setattr(parent, attr, PackedInt4Linear(linear))
-            swapped[name] = gs
-    return swapped
+class StackedMember(nn.Module):
+    """One projection of a :class:`StackedProjection` (its rows, plus its own bias)."""
+
+    def __init__(self, linear: nn.Linear, stack: StackedProjection, index: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+        self.stack, self.index = stack, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stack.rows_of(self.index, x)
+        return y + self.bias if self.bias is not None else y
 
 
-def packed_bytes(t: TensorEntry, group_size: int) -> int:
-    """Bytes a packed weight holds: the codes and the bf16 (scale, zero) pairs."""
-    pk, sz = Int4CpuKernel.shapes(t.shape, group_size)
-    return math.prod(pk) + 2 * math.prod(sz)
+def swap_packed_modules(model: nn.Module, layout: dict[str, list[DerivedTensor]]) -> dict[str, PackedInt4Linear | StackedProjection]:
+    """Put packed modules in place of the plain linears the derived copy serves; returns the
+    derived name -> the object whose ``weight_packed`` the loader sets.
 
-
-def packed_view(enc, t: TensorEntry, group_size: int) -> PackedInt4:
-    """A derived record's packed weight as views into the map, in the kernel's shapes."""
-    src = packed_from_record(enc)
-    pk, sz = Int4CpuKernel.shapes(t.shape, group_size)
-    return PackedInt4(src.packed.view(pk), src.scales_and_zeros.view(sz), src.group_size)
+    Raises:
+        TypeError: a module the layout names is not an ``nn.Linear`` (the manifest and the
+            model's code disagree).
+    """
+    targets: dict[str, PackedInt4Linear | StackedProjection] = {}
+    for items in layout.values():
+        for d in items:
+            linears = []
+            for path in d.modules:
+                parent_name, _, attr = path.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                linear = getattr(parent, attr)
+                if not isinstance(linear, nn.Linear):
+                    raise TypeError(f"{path} is a {type(linear).__name__}, not the nn.Linear its int4 weight was packed for")
+                linears.append((parent, attr, linear))
+            if not d.fused:
+                parent, attr, linear = linears[0]
+                setattr(parent, attr, PackedInt4Linear(linear))
+                targets[d.name] = getattr(parent, attr)
+                continue
+            stack = StackedProjection(d.rows)
+            for k, (parent, attr, linear) in enumerate(linears):
+                setattr(parent, attr, StackedMember(linear, stack, k))
+            targets[d.name] = stack
+    return targets

@@ -1,6 +1,6 @@
 """Module surgery: putting loaded weights into transformers' own modules and taking them
-out again, and the stand-ins for the vocabulary-sized matrices when they stream (embeddings
-looked up chunk by chunk, the head applied chunk by chunk)."""
+out again, and the stand-ins for the vocabulary-sized matrices: token embeddings looked up
+row by row from their records, the head applied chunk by chunk when it is not kept."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from cache.manifest import TensorEntry
-from runtime.kernels import PackedInt4
+from runtime.kernels import Int4CpuKernel, PackedInt4
 from runtime.loader import RecordLoader
-from runtime.packed import PackedInt4Linear
+from runtime.packed import PackedInt4Linear, StackedMember, StackedProjection
 
 
 def set_param(module: nn.Module, pname: str, t: torch.Tensor) -> None:
@@ -23,13 +23,18 @@ def set_param(module: nn.Module, pname: str, t: torch.Tensor) -> None:
         raise KeyError(f"{pname} from the cache has no place in {type(module).__name__}")
 
 
-def assign(model: nn.Module, tensors: dict[str, torch.Tensor | PackedInt4]) -> None:
-    """Put tensors into the model by their full names (a packed weight into its packed linear)."""
+def assign(model: nn.Module, tensors: dict[str, torch.Tensor | PackedInt4],
+           targets: dict[str, PackedInt4Linear | StackedProjection] | None = None) -> None:
+    """Put tensors into the model by their full names; a packed weight goes to its packed
+    module (``targets``: derived name -> module, from :func:`runtime.packed.swap_packed_modules`)."""
     for name, t in tensors.items():
-        module_name, pname = name.rsplit(".", 1)
         if isinstance(t, PackedInt4):
-            model.get_submodule(module_name).weight_packed = t
+            if targets is not None and name in targets:
+                targets[name].weight_packed = t
+            else:
+                model.get_submodule(name.rsplit(".", 1)[0]).weight_packed = t
             continue
+        module_name, pname = name.rsplit(".", 1)
         try:
             set_param(model.get_submodule(module_name), pname, t)
         except (KeyError, AttributeError) as e:
@@ -41,6 +46,8 @@ def empty_weights(layer: nn.Module) -> None:
     for module in layer.modules():
         if isinstance(module, PackedInt4Linear):
             module.weight_packed = None
+        elif isinstance(module, StackedMember):
+            module.stack.clear()
         for pname, p in module._parameters.items():
             if p is not None:
                 module._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
@@ -56,12 +63,13 @@ def plain_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedHead(nn.Module):
-    """Stands in for the output projection when it is not resident: decodes the weight one
-    row chunk at a time (the next chunk on the prefetch thread) and fills the logits."""
+    """Stands in for the output projection when it is not kept: applies the weight one row
+    chunk at a time (decoded, the next chunk on the prefetch thread; or, for a packed head,
+    slices of the derived copy's map on the int4 kernel) and fills the logits."""
 
-    def __init__(self, loader: RecordLoader, entry: TensorEntry, bias: torch.Tensor | None) -> None:
+    def __init__(self, loader: RecordLoader, entry: TensorEntry, bias: torch.Tensor | None, packed: bool) -> None:
         super().__init__()
-        self.loader, self.entry, self.bias = loader, entry, bias
+        self.loader, self.entry, self.bias, self.packed = loader, entry, bias, packed
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = plain_strides(hidden)
@@ -69,7 +77,12 @@ class ChunkedHead(nn.Module):
         out = torch.empty(*hidden.shape[:-1], e.shape[0], dtype=hidden.dtype)
         n = e.num_chunks
         rows_per = e.chunk_rows or e.shape[0]
-        if not lo.prefetching:
+        if self.packed:
+            with lo.packed_head() as w:
+                for r0 in range(0, e.shape[0], rows_per):
+                    r1 = min(e.shape[0], r0 + rows_per)
+                    out[..., r0:r1] = Int4CpuKernel.matmul(hidden, w.rows(r0, r1))
+        elif not lo.prefetching:
             for k in range(n):
                 lo.apply_chunk(e, k, lambda w, r0=k * rows_per: out[..., r0 : r0 + w.shape[0]].copy_(F.linear(hidden, w)))
         else:
@@ -83,35 +96,34 @@ class ChunkedHead(nn.Module):
         return out
 
 
-def stream_head(model: nn.Module, head_path: str, loader: RecordLoader, entry: TensorEntry) -> None:
-    """Replace the output projection by a :class:`ChunkedHead`."""
-    parent_name, _, attr = head_path.rpartition(".")
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``path``; returns the module it replaced."""
+    parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
-    bias = old.bias if isinstance(old, nn.Linear) and old.bias is not None and old.bias.device.type != "meta" else None
-    setattr(parent, attr, ChunkedHead(loader, entry, bias))
+    setattr(parent, attr, new)
+    return old
 
 
-def stream_embeddings(module: nn.Module, loader: RecordLoader, entry: TensorEntry, dtype: torch.dtype) -> list:
-    """Look token embeddings up chunk by chunk: before the embedding module runs, its weight
-    becomes just the rows the batch uses and the ids are remapped onto them, so the module's
-    own forward (scaling included) runs unchanged. Returns the hook handles."""
+def stream_head(model: nn.Module, head_path: str, loader: RecordLoader, entry: TensorEntry, *, packed: bool) -> None:
+    """Replace the output projection by a :class:`ChunkedHead`."""
+    old = model.get_submodule(head_path)
+    bias = old.bias if isinstance(old, (nn.Linear, PackedInt4Linear)) and old.bias is not None and old.bias.device.type != "meta" else None
+    replace_module(model, head_path, ChunkedHead(loader, entry, bias, packed))
+
+
+def lookup_embeddings(module: nn.Module, loader: RecordLoader, entry: TensorEntry, dtype: torch.dtype) -> list:
+    """Look token embeddings up row by row from their records: before the embedding module
+    runs, its weight becomes just the rows the batch uses and the ids are remapped onto
+    them, so the module's own forward (scaling included) runs unchanged; the
+    vocabulary-sized matrix is never decoded whole. Returns the hook handles."""
     if hasattr(module, "padding_idx"):
         module.padding_idx = None  # only matters for training; it would index past the gathered rows
-    rows_per = entry.chunk_rows or entry.shape[0]
 
     def pre(mod: nn.Module, args):
         ids = args[0]
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        rows = torch.empty(len(uniq), *entry.shape[1:], dtype=dtype)
-        for k in torch.unique(uniq // rows_per).tolist():
-            sel = (uniq // rows_per) == k
-
-            def take(chunk: torch.Tensor, sel=sel, k=k) -> None:
-                rows[sel] = chunk[uniq[sel] - k * rows_per].to(dtype)
-
-            loader.apply_chunk(entry, k, take)
-        mod._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+        mod._parameters["weight"] = nn.Parameter(loader.rows(entry, uniq), requires_grad=False)
         return (inverse.view(ids.shape), *args[1:])
 
     def post(mod: nn.Module, args, output):

@@ -36,12 +36,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip",
         default=None,
-        help="comma-separated modules kept unquantized (default: lm_head,embed_tokens; '' quantizes all 2-D weights)",
+        help="comma-separated modules kept unquantized (default: none; the head and token embeddings are stored as int8 "
+             "rows, see --vocab-mode; 'lm_head,embed_tokens' keeps them in 16 bits)",
     )
     p.add_argument("--compute-dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
                    help="the plan's compute dtype (overrides the processor's --dtype; the two given at once must agree)")
     p.add_argument("--group-size", type=int, default=_DEFAULTS.group_size,
                    help="int4/int3/int2 group size (a width that is not a multiple of it ends in one narrower group)")
+    p.add_argument("--vocab-mode", choices=["int8", "int4", "none"], default=None,
+                   help="how the head and token embeddings are stored, as rows (default: int8 in every quantized mode)")
     p.add_argument("--symmetric", action="store_true", help="int4/int3/int2: symmetric grid (default: asymmetric, integer zero point)")
     p.add_argument("--permute", choices=[o.value for o in ChannelOrder], default=None,
                    help="int4/int3/int2: order input channels before grouping, by weight L2 norm or calibration activation scale")
@@ -83,7 +86,7 @@ def _calibration_from_args(a: argparse.Namespace) -> CalibrationConfig | None:
 def _plan_given(a: argparse.Namespace) -> bool:
     """Whether the command line says how to quantize (else a cache directory opens what it holds)."""
     return bool(a.mode or a.mixed or getattr(a, "calibrate", None) or getattr(a, "target_bits", None)
-                or getattr(a, "target_loss", None) or a.skip is not None or a.symmetric or a.permute)
+                or getattr(a, "target_loss", None) or a.skip is not None or a.symmetric or a.permute or a.vocab_mode)
 
 
 def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuantizer:
@@ -91,7 +94,7 @@ def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuant
     calibration = _calibration_from_args(a)
     if a.mixed:
         return AdaptiveQuantizer(
-            base_config=QuantizationConfig(mode=QuantizationMode.NF4),
+            base_config=QuantizationConfig(mode=QuantizationMode.NF4, vocab_mode=a.vocab_mode),
             attention_config=QuantizationConfig(mode=QuantizationMode.INT8),
             skip_modules=skip,
             compute_dtype=a.compute_dtype,
@@ -107,6 +110,7 @@ def _plan_from_args(a: argparse.Namespace) -> QuantizationConfig | AdaptiveQuant
         symmetric=a.symmetric,
         permute=a.permute or "none",
         calibration=calibration,
+        vocab_mode=a.vocab_mode,
     )
 
 
@@ -455,7 +459,7 @@ def _calibration_lines(m) -> list[str]:
 
 
 _PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits",
-              "symmetric", "permute", "calibrate", "calibration_text", "calibration_samples", "calibration_seqlen", "act_order",
+              "symmetric", "permute", "vocab_mode", "calibrate", "calibration_text", "calibration_samples", "calibration_seqlen", "act_order",
               "target_loss")
 
 

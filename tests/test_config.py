@@ -24,7 +24,8 @@ W = torch.zeros(8, 8)
 def test_defaults_and_derived_fields():
     c = QuantizationConfig()
     assert c.mode is QuantizationMode.NONE and c.quant_type is None and c.compress_statistics is True and c.double_quant is True
-    assert c.compute_dtype is None and c.llm_int8_skip_modules is None and c.skip_modules == ["lm_head", "embed_tokens"]
+    assert c.compute_dtype is None and c.llm_int8_skip_modules is None and c.skip_modules == []
+    assert c.vocab_mode is None
     assert QuantizationConfig(mode="nf4").quant_type == "nf4"
     assert QuantizationConfig(compute_dtype=torch.float16).compute_dtype is torch.float16
     assert QuantizationConfig(compute_dtype="torch.bfloat16").compute_dtype is torch.bfloat16
@@ -84,10 +85,30 @@ def test_choose_keeps_norms_biases_and_skipped():
     assert c.choose("model.layers.0.mlp.up_proj.weight", W).codec is CodecName.INT8_OUTLIER
     assert c.choose("model.layers.0.input_layernorm.weight", torch.zeros(8)).codec is CodecName.RAW
     assert c.choose("model.layers.0.self_attn.q_proj.bias", torch.zeros(8)).codec is CodecName.RAW
-    assert c.choose("lm_head.weight", W).codec is CodecName.RAW
-    assert c.choose("model.embed_tokens.weight", W).codec is CodecName.RAW
-    assert QuantizationConfig(mode="int8", llm_int8_skip_modules=[]).choose("lm_head.weight", W).codec is CodecName.INT8_OUTLIER
     assert QuantizationConfig(mode="none").choose("model.layers.0.mlp.up_proj.weight", W).codec is CodecName.RAW
+
+
+def test_vocab_rows_are_quantized_by_default_and_kept_when_skipped():
+    """The head and the token embeddings: int8 rows (bf16 scales) in every quantized mode unless
+    named in the skip list; int4 rows or 16 bits when vocab_mode says so; kept in mode none."""
+    for mode in ("int8", "int8_dynamic", "nf4", "fp4", "int4", "int2"):
+        c = QuantizationConfig(mode=mode)
+        for name in ("lm_head.weight", "model.embed_tokens.weight"):
+            got = c.choose(name, W)
+            assert got.codec is CodecName.INT8_CHANNEL and got.params == {"scale_dtype": torch.bfloat16}, (mode, name)
+    kept = QuantizationConfig(mode="nf4", llm_int8_skip_modules=["lm_head", "embed_tokens"])
+    assert kept.choose("lm_head.weight", W).codec is CodecName.RAW and kept.choose("model.embed_tokens.weight", W).codec is CodecName.RAW
+    assert QuantizationConfig(mode="none").choose("lm_head.weight", W).codec is CodecName.RAW
+    four = QuantizationConfig(mode="nf4", vocab_mode="int4", group_size=32).choose("lm_head.weight", W)
+    assert four.codec is CodecName.INT4_GROUP and four.params == {"group_size": 32}
+    assert QuantizationConfig(mode="int4", vocab_mode="none").choose("lm_head.weight", W).codec is CodecName.RAW
+    assert QuantizationConfig(mode="none", vocab_mode="int8").choose("lm_head.weight", W).codec is CodecName.INT8_CHANNEL
+    with pytest.raises(ValueError, match="vocab_mode 'nf4' does not store rows that decode alone"):
+        QuantizationConfig(mode="int4", vocab_mode="nf4")
+    # the default spelled out and left unset are one plan; another vocab codec is another
+    assert QuantizationConfig(mode="int4").fingerprint() == QuantizationConfig(mode="int4", vocab_mode="int8").fingerprint()
+    assert QuantizationConfig(mode="int4").fingerprint() != QuantizationConfig(mode="int4", vocab_mode="int4").fingerprint()
+    assert QuantizationConfig.from_dict(QuantizationConfig(mode="int4", vocab_mode="int4").to_dict()).vocab_mode is QuantizationMode.INT4
 
 
 def test_adaptive_attention_int8_ffn_nf4():
@@ -95,12 +116,14 @@ def test_adaptive_attention_int8_ffn_nf4():
     assert a.choose("model.layers.0.self_attn.k_proj.weight", W).codec is CodecName.INT8_OUTLIER
     assert a.choose("model.layers.0.mlp.down_proj.weight", W).codec is CodecName.NF4
     assert a.choose("model.layers.0.post_attention_layernorm.weight", torch.zeros(8)).codec is CodecName.RAW
-    assert a.choose("lm_head.weight", W).codec is CodecName.RAW
+    assert a.choose("lm_head.weight", W).codec is CodecName.INT8_CHANNEL  # the base config's vocab rows
     b = AdaptiveQuantizer(
         ffn_config=QuantizationConfig(mode="int4"), base_config=QuantizationConfig(mode="int8"), skip_modules=[]
     )
     assert b.choose("model.layers.0.mlp.down_proj.weight", W).codec is CodecName.INT4_GROUP
-    assert b.choose("lm_head.weight", W).codec is CodecName.INT8_OUTLIER
+    assert b.choose("lm_head.weight", W).codec is CodecName.INT8_CHANNEL
+    c = AdaptiveQuantizer(base_config=QuantizationConfig(mode="int8"), skip_modules=["lm_head"])
+    assert c.choose("lm_head.weight", W).codec is CodecName.RAW
     assert a.fingerprint() != b.fingerprint()
 
 

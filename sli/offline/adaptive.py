@@ -24,6 +24,7 @@ from sli.offline.config import (
     _fingerprint,
     dtype_str,
     is_quantizable,
+    is_vocab,
     module_matches,
 )
 
@@ -136,8 +137,11 @@ class AdaptiveQuantizer:
 
     def choose(self, name: str, tensor: torch.Tensor) -> CodecChoice:
         cfg = self.config_for(name)
-        if not is_quantizable(name, tensor) or module_matches(name.rsplit(".", 1)[0], self._skip(cfg)):
+        module = name.rsplit(".", 1)[0]
+        if not is_quantizable(name, tensor) or module_matches(module, self._skip(cfg)):
             return CodecChoice(CodecName.RAW)
+        if is_vocab(module) and name not in self.overrides:
+            return cfg.vocab_choice()
         if cfg.mode is QuantizationMode.NONE:
             return CodecChoice(CodecName.RAW)
         return cfg.codec_choice()

@@ -53,6 +53,9 @@ def dtype_str(dtype: torch.dtype | str | None) -> str | None:
     return str(dtype) if isinstance(dtype, torch.dtype) else dtype
 
 
+_VOCAB_MODES = ("int8", "int4", "none")
+
+
 class QuantizationMode(str, Enum):
     """How linear weights are stored."""
 
@@ -88,9 +91,18 @@ class ChannelOrder(str, Enum):
     WEIGHT = "weight"  # by decreasing L2 norm of the weight's columns
     ACTIVATION = "activation"  # by decreasing calibration activation scale (needs calibration)
 
-# What ``llm_int8_skip_modules=None`` keeps unquantized, as transformers does for bitsandbytes
-# (its output head stays; embeddings are not linears): the head and the token embeddings.
-DEFAULT_SKIP_MODULES = ("lm_head", "embed_tokens")
+
+# The vocabulary-sized matrices: the output head and the token embeddings. They are stored as
+# rows (each row decodes alone: embeddings are looked up by row, the head applied by chunks),
+# with their own codec (``vocab_mode``), and kept in 16 bits only when named in the skip list.
+VOCAB_MODULES = ("lm_head", "embed_tokens")
+# The skip list of the int8 preset (``get_int8_config``: "standard INT8 with skip modules")
+DEFAULT_SKIP_MODULES = VOCAB_MODULES
+# The vocabulary codec of a quantized mode when ``vocab_mode`` is unset: int8 rows with bf16
+# scales. Measured on the real model (perplexity on 2,048 held-out tokens, decoder layers in
+# fp32 / int4 groups of 32): int8 rows +0.06% / +0.05% against keeping them in 16 bits; int4
+# rows in groups of 32 +5.0%, 64 +8.1%, 128 +13.3%.
+DEFAULT_VOCAB_MODE = "int8"
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,10 @@ class CodecChoice:
 
     codec: CodecName
     params: dict[str, Any] = field(default_factory=dict)
+
+
+def _choice_dict(c: CodecChoice) -> dict[str, Any]:
+    return {"codec": c.codec.value, "params": {k: dtype_str(v) for k, v in sorted(c.params.items())}}
 
 
 def _fingerprint(d: dict[str, Any]) -> str:
@@ -116,6 +132,11 @@ def module_matches(module_name: str, patterns: tuple[str, ...] | list[str]) -> b
     (``"lm_head"`` matches ``lm_head``; ``"self_attn"`` matches ``model.layers.3.self_attn.q_proj``)."""
     padded = "." + module_name + "."
     return any(("." + p.strip(".") + ".") in padded for p in patterns if p)
+
+
+def is_vocab(module_name: str) -> bool:
+    """The output head or the token embeddings (:data:`VOCAB_MODULES`)."""
+    return module_matches(module_name, VOCAB_MODULES)
 
 
 def is_quantizable(name: str, tensor: torch.Tensor) -> bool:
@@ -155,8 +176,9 @@ class QuantizationConfig:
         double_quant: the same option under its other name; must agree with ``compress_statistics``.
         quant_type: ``"nf4"``/``"fp4"`` for the 4-bit modes; derived from ``mode``.
         llm_int8_threshold: int8 mode: weight columns with any magnitude at or above this stay in 16-bit.
-        llm_int8_skip_modules: modules never quantized (dotted names or name components). None:
-            the output head and token embeddings, as transformers does; ``[]``: nothing skipped.
+        llm_int8_skip_modules: modules never quantized (dotted names or name components). None
+            (the default) skips nothing; name ``lm_head`` and ``embed_tokens`` here to keep the
+            head and the token embeddings in 16 bits.
         group_size: int4/int3/int2 group size along the input dimension (a width that is not
             a multiple of it ends in one narrower group, padded when encoded).
         blocksize: nf4/fp4 block size.
@@ -166,6 +188,10 @@ class QuantizationConfig:
             ``"none"``, ``"weight"`` L2 norm, ``"activation"`` scale, which needs calibration).
         calibration: quantize with calibration text (:class:`~sli.offline.calibration.CalibrationConfig`:
             GPTQ, AWQ or both); None: round to nearest.
+        vocab_mode: how the head and the token embeddings are stored, as rows: ``INT8`` (int8
+            per row, bf16 scales), ``INT4`` (int4 groups of ``group_size`` per row) or ``NONE``
+            (16 bits); None: int8 rows in every quantized mode (:data:`DEFAULT_VOCAB_MODE`),
+            kept in mode ``NONE``. A name in the skip list keeps them whatever this says.
     """
 
     mode: QuantizationMode = QuantizationMode.NONE
@@ -181,6 +207,7 @@ class QuantizationConfig:
     symmetric: bool = False
     permute: ChannelOrder | str = ChannelOrder.NONE
     calibration: CalibrationConfig | dict | None = None
+    vocab_mode: QuantizationMode | str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -220,6 +247,15 @@ class QuantizationConfig:
                              "(--calibrate), or permute='weight'")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise ValueError(f"blocksize must be a power of two from 64 to 4096, got {self.blocksize}")
+        if self.vocab_mode is not None:
+            try:
+                self.vocab_mode = QuantizationMode(self.vocab_mode)
+            except ValueError:
+                raise ValueError(f"unknown vocab_mode {self.vocab_mode!r}; choose one of {_VOCAB_MODES}") from None
+            if self.vocab_mode.value not in _VOCAB_MODES:
+                raise ValueError(
+                    f"vocab_mode {self.vocab_mode.value!r} does not store rows that decode alone; choose one of {_VOCAB_MODES}"
+                )
         self._check_mutable()
         if self.llm_int8_skip_modules is not None:
             self.llm_int8_skip_modules = list(self.llm_int8_skip_modules)
@@ -236,8 +272,8 @@ class QuantizationConfig:
 
     @property
     def skip_modules(self) -> list[str]:
-        """The modules kept unquantized (``llm_int8_skip_modules``, None meaning the head and embeddings)."""
-        return list(DEFAULT_SKIP_MODULES) if self.llm_int8_skip_modules is None else list(self.llm_int8_skip_modules)
+        """The modules kept unquantized (``llm_int8_skip_modules``; None skips nothing)."""
+        return [] if self.llm_int8_skip_modules is None else list(self.llm_int8_skip_modules)
 
     @property
     def effective_calibration(self) -> CalibrationConfig | None:
@@ -266,11 +302,24 @@ class QuantizationConfig:
             return CodecChoice(codec, params)
         return CodecChoice(codec, {})
 
+    def vocab_choice(self) -> CodecChoice:
+        """The codec of the head and the token embeddings (rows that decode alone)."""
+        mode = self.vocab_mode
+        if mode is None:
+            mode = QuantizationMode.NONE if self.mode is QuantizationMode.NONE else QuantizationMode(DEFAULT_VOCAB_MODE)
+        if mode is QuantizationMode.NONE:
+            return CodecChoice(CodecName.RAW)
+        if mode is QuantizationMode.INT4:
+            return CodecChoice(CodecName.INT4_GROUP, {"group_size": self.group_size})
+        return CodecChoice(CodecName.INT8_CHANNEL, {"scale_dtype": torch.bfloat16})
+
     def choose(self, name: str, tensor: torch.Tensor) -> CodecChoice:
         module = name.rsplit(".", 1)[0]
-        if self.mode is QuantizationMode.NONE or not is_quantizable(name, tensor):
+        if not is_quantizable(name, tensor) or module_matches(module, self.skip_modules):
             return CodecChoice(CodecName.RAW)
-        if module_matches(module, self.skip_modules):
+        if is_vocab(module):
+            return self.vocab_choice()
+        if self.mode is QuantizationMode.NONE:
             return CodecChoice(CodecName.RAW)
         return self.codec_choice()
 
@@ -283,6 +332,7 @@ class QuantizationConfig:
         d["quant_storage_dtype"] = dtype_str(self.quant_storage_dtype)
         d["permute"] = self.permute.value
         d["calibration"] = self.calibration.to_dict() if self.calibration is not None else None
+        d["vocab_mode"] = None if self.vocab_mode is None else self.vocab_mode.value
         d["kind"] = "config"
         return d
 
@@ -297,9 +347,10 @@ class QuantizationConfig:
         return cls(**d)
 
     def canonical_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` with the skip list spelled out (None and the default list are one plan)
-        and the calibration as its fingerprint sees it (the text by its hash, not its path)."""
-        d = {**self.to_dict(), "llm_int8_skip_modules": self.skip_modules}
+        """:meth:`to_dict` with the defaults spelled out (None and what it means are one plan) and
+        the calibration as its fingerprint sees it (the text by its hash, not its path)."""
+        d = {**self.to_dict(), "llm_int8_skip_modules": self.skip_modules, "vocab_codec": _choice_dict(self.vocab_choice())}
+        del d["vocab_mode"]  # the codec it resolves to stands for it
         if self.calibration is not None:
             d["calibration"] = self.calibration.fingerprint_dict()
         return d
