@@ -210,8 +210,11 @@ def test_layer_quantizer_methods_and_skips():
     assert type(quantized_attn.q_proj).__name__ == "QuantizedLinear"
     full_precision = quantizer.dequantize_layer(quantized_attn)
     assert not quantizer.is_quantized(full_precision) and isinstance(full_precision.q_proj, nn.Linear)
-    # a whole-name skip keeps the layer itself
-    assert LayerQuantizer(QuantizationConfig(mode="nf4")).quantize_layer(nn.Linear(8, 8), "lm_head").__class__ is nn.Linear
+    # a whole-name skip keeps the layer itself; by default (skip list None) the head is int8 rows
+    kept = QuantizationConfig(mode="nf4", llm_int8_skip_modules=["lm_head"])
+    assert LayerQuantizer(kept).quantize_layer(nn.Linear(8, 8), "lm_head").__class__ is nn.Linear
+    head = LayerQuantizer(QuantizationConfig(mode="nf4")).quantize_layer(nn.Linear(8, 8), "lm_head")
+    assert type(head).__name__ == "QuantizedLinear" and head.codec == "int8_channel"
 
 
 def test_adaptive_quantization_on_a_tiny_model(tmp_path):
@@ -231,7 +234,7 @@ def test_adaptive_quantization_on_a_tiny_model(tmp_path):
     assert quantized_model is model
     layer = quantized_model.model.layers[0]
     assert layer.self_attn.q_proj.codec == "int8_outlier" and layer.mlp.down_proj.codec == "nf4"
-    assert isinstance(quantized_model.lm_head, nn.Linear)  # the head stays (the default skip list)
+    assert quantized_model.lm_head.codec == "int8_channel"  # the head as int8 rows (the default skip list is None)
     with torch.no_grad():
         got = quantized_model(ids).logits
     # the reference: transformers running the dequantized weights
@@ -594,13 +597,15 @@ def test_processor_example_and_dtype_rule(tiny_llama, tmp_path):
     processor.load()
     assert processor.model.manifest.quantization["mode"] == "int8"
     processor.close()
-    bf16 = UniversalSLIProcessor(tiny_llama, quantization_config=QuantizationConfig(mode="int8", compute_dtype=torch.bfloat16),
+    bf16 = UniversalSLIProcessor(tiny_llama, quantization_config=QuantizationConfig(mode="int8", compute_dtype=torch.bfloat16,
+                                                                                   llm_int8_skip_modules=["lm_head", "embed_tokens"]),
                                  cache_dir=tmp_path, progress=False)
     assert bf16.dtype is torch.bfloat16 and bf16.variant_id == processor.variant_id  # one cache for every compute dtype
     assert bf16.load().dtype is torch.bfloat16
     bf16.close()
     with pytest.raises(ValueError, match="contradicts"):
-        UniversalSLIProcessor(tiny_llama, quantization_config=QuantizationConfig(mode="int8", compute_dtype=torch.bfloat16),
+        UniversalSLIProcessor(tiny_llama, quantization_config=QuantizationConfig(mode="int8", compute_dtype=torch.bfloat16,
+                                                                                   llm_int8_skip_modules=["lm_head", "embed_tokens"]),
                               dtype="float32", cache_dir=tmp_path)
     auto = UniversalSLIProcessor(tiny_llama, quantization_config="int8", dtype="auto", cache_dir=tmp_path, progress=False)
     assert auto.dtype is auto.source.read("model.layers.0.mlp.up_proj.weight").dtype

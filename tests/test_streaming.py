@@ -7,6 +7,7 @@ from cache import LayerStore
 from conftest import TINY_TYPES, dequantized_reference, make_tiny_model
 from runtime.budget import BudgetTooSmallError, MemoryBudget, Unit
 from runtime.executor import PackedInt4Linear, StreamingModel
+from runtime.packed import StackedMember
 from runtime.generate import GenerationOutput, SamplingConfig, generate, stream
 from sli import QuantizationConfig, UniversalSLIProcessor
 
@@ -258,7 +259,7 @@ def test_packed_int4_kernel_matches_dequantized_weights(tmp_path, tiny_root):
     """bf16 compute on packed int4 weights (torch's CPU kernel) against transformers running
     the dequantized weights in fp32, resident and streamed; the packed form also lets more
     layers stay resident at the same budget."""
-    path = make_tiny_model(tiny_root, "llama", layers=4, seed=12, hidden=128)
+    path = make_tiny_model(tiny_root, "llama", layers=4, seed=12, hidden=256)  # layers larger than the streaming buffers
     r = UniversalSLIProcessor(path, quantization_config="int4", cache_dir=tmp_path, progress=False).quantize()
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(5))
     with LayerStore(tmp_path, readonly=True) as st:
@@ -266,8 +267,14 @@ def test_packed_int4_kernel_matches_dequantized_weights(tmp_path, tiny_root):
         with torch.no_grad():
             want = ref(ids).logits
         full = StreamingModel(st, r.variant_id, memory_budget=1 << 40, dtype=torch.bfloat16, context_tokens=CTX)
-        assert full.packed and all(isinstance(full.model.get_submodule(n.removesuffix(".weight")), PackedInt4Linear) for n in full.packed)
-        low = StreamingModel(st, r.variant_id, memory_budget=full.minimum_bytes, dtype=torch.bfloat16, context_tokens=CTX)
+        layers = [n for n in full.packed if n.startswith("model.layers.")]  # the head runs packed too (int8 rows split)
+        assert len(layers) == 4 * 7 and all(isinstance(full.model.get_submodule(n.removesuffix(".weight")), (PackedInt4Linear, StackedMember))
+                                            for n in layers)
+        # no page cache counted beyond the budget (page_cache=0), the smallest budget: the layers stream
+        probe = StreamingModel(st, r.variant_id, memory_budget=1 << 40, dtype=torch.bfloat16, context_tokens=CTX, page_cache=0)
+        probe.close()
+        low = StreamingModel(st, r.variant_id, memory_budget=probe.minimum_bytes, dtype=torch.bfloat16, context_tokens=CTX,
+                             page_cache=0)
         assert len(low.plan.streamed_layers) == 4
         plain = StreamingModel(st, r.variant_id, memory_budget=1 << 40, dtype=torch.bfloat16, context_tokens=CTX, packed_int4=False)
         scale = want.abs().max().item()

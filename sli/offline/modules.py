@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from cache.codecs import CodecName, decode_tensor
+from cache.codecs import CodecName, decode_rows, decode_tensor
 from cache.record import EncodedTensor, dtype_from_name, dtype_name
 from runtime.kernels import Int4CpuKernel, PackedInt4
 from sli.offline.config import QuantizationConfig, QuantizationMode, QuantizationPlan
@@ -141,6 +141,29 @@ class QuantizedLinear(nn.Module):
         )
 
 
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings held as a row-wise encoding (int8 rows by default, as the cache stores
+    them): each lookup decodes only the rows it needs, as the streamed model does."""
+
+    def __init__(self, encoded: EncodedTensor, padding_idx: int | None, *, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = encoded.shape
+        self.padding_idx = padding_idx
+        self.codec, self.codec_params, self.dtype = encoded.codec, dict(encoded.params), dtype
+        self._enc = encoded
+
+    @property
+    def encoded(self) -> EncodedTensor:
+        return self._enc
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = decode_rows(self._enc, ids.reshape(-1).long().cpu(), self.dtype)
+        return rows.to(ids.device).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codec={self.codec}, dtype={self.dtype}"
+
+
 def _resolve_compute_dtype(asked: torch.dtype | str | None, weight_dtype: torch.dtype) -> torch.dtype:
     if asked is None:
         return DEFAULT_COMPUTE_DTYPE
@@ -244,6 +267,16 @@ def quantize_model_linears(model: nn.Module, plan: QuantizationConfig | Quantiza
     quantizer = LayerQuantizer(plan)
     before = after = swapped = 0
     linears = list(_children(model, ""))
+    for full, parent, attr, child in list(_children(model, "", nn.Embedding)):
+        # the token embeddings, stored as rows (the cache's vocabulary codec), looked up row by row
+        w = child.weight.detach()
+        if quantizer.config.choose(f"{full}.weight", w).codec is CodecName.RAW:
+            continue
+        enc, _ = quantizer._tensors.quantize_tensor(f"{full}.weight", w.cpu(), measure=False)
+        before += w.numel() * w.element_size()
+        after += enc.nbytes
+        setattr(parent, attr, QuantizedEmbedding(enc, child.padding_idx, dtype=w.dtype))
+        swapped += 1
     for full, parent, attr, child in tqdm(linears, desc="quantize", unit="linear", disable=not progress):
         q = quantizer._quantize_linear(full, child)
         if q is child:
