@@ -123,7 +123,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         # what the plan measured, and what the built cache measures on the same held-out text
         s["target_loss_pct"] = sp.target_loss
         s["planned_loss_pct"] = round(sp.loss, 3)
-        s["heldout_loss_pct"] = round(proc.heldout_loss(), 3)
+        s["heldout_loss_pct"] = round(sp.built_loss if sp.built_loss is not None else proc.heldout_loss(), 3)
         s["planned_bits_per_weight"] = round(sp.bits_all, 3)
         s["plan"] = sp.counts()
     if a.json:
@@ -273,8 +273,28 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fits(a: argparse.Namespace) -> int:
+    from sli.bench_fits import FitsConfig, run_fits, write_fits_outputs
+
+    cfg = FitsConfig(shape=a.scale, workdir=a.workdir or "", out_dir=a.out if a.out != "bench-results" else "docs/results",
+                     limits=tuple(x for x in a.limits.split(",") if x))
+    if a.new_tokens_scale:
+        cfg.new_tokens = a.new_tokens_scale
+    if a.prompt_tokens:
+        cfg.prompt_tokens = a.prompt_tokens
+    if a.peers is not None:
+        cfg.peers = tuple(x for x in a.peers.split(",") if x)
+    res = run_fits(cfg, progress=lambda m: print(f"[fits] {m}", file=sys.stderr, flush=True))
+    paths = write_fits_outputs(res, cfg.out_dir)
+    print(open(paths["md"]).read())
+    return 0
+
+
 def cmd_bench_scale(a: argparse.Namespace) -> int:
     from sli.bench_scale import ScaleConfig, run_scale, write_scale_outputs
+
+    if a.limits:
+        return cmd_bench_fits(a)
 
     cfg = ScaleConfig(shape=a.scale, workdir=a.workdir or "", out_dir=a.out if a.out != "bench-results" else "docs/results",
                       llama_convert=a.llama_convert or "", keep=a.keep)
@@ -526,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", default="SmolLM2-135M-Instruct", help="model folder or the fetched test model's name")
     b.add_argument("--scale", choices=["8b", "1b"], default=None,
                    help="a random model in Llama-3.1-8B's (or 3.2-1B's) shapes: quantize, stream cold under a cgroup limit, beside accelerate and llama.cpp (see sli.bench_scale)")
+    b.add_argument("--limits", default=None,
+                   help="--scale: memory cgroup limits, e.g. 903MiB,591MiB: every system cold inside each (sli with "
+                        "--memory-budget auto), then warm without a limit, beside llama.cpp (see sli.bench_fits)")
     b.add_argument("--workdir", default=None, help="--scale: where the model, caches and GGUF go (default $SLI_HOME/scale-<shape>)")
     b.add_argument("--llama-convert", default=None, help="--scale: llama.cpp's convert_hf_to_gguf.py, to make its Q4_0")
     b.add_argument("--budgets", default=None,

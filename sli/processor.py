@@ -67,6 +67,10 @@ class UniversalSLIProcessor:
         readahead: have the kernel read the next streamed layer while this one computes.
             Default: on where the host's page cache has room for it (see
             :class:`~runtime.executor.StreamingModel`).
+        page_cache: room in the page cache for weights used in place from the cache's map,
+            beside ``memory_budget``: ``"auto"`` (what the memory cgroup leaves, else the
+            host's available memory), bytes or a size, or 0 (nothing beyond the budget: all
+            that does not fit the budget streams).
         spill_limit: disk space for KV blocks spilled to ``<cache_dir>/kv-spill`` and
             reused across processes (``None`` or 0: no spilling).
         kv_dtype: how the paged KV pool stores blocks: ``"auto"`` (the compute dtype) or
@@ -93,6 +97,7 @@ class UniversalSLIProcessor:
         context_tokens: int | None = None,
         prefetch: bool = False,
         readahead: bool | None = None,
+        page_cache: str | int | None = "auto",
         spill_limit: str | int | None = "1GiB",
         kv_dtype: str = "auto",
     ) -> None:
@@ -140,6 +145,7 @@ class UniversalSLIProcessor:
         self.context_tokens = context_tokens
         self.prefetch = prefetch
         self.readahead = readahead
+        self.page_cache = page_cache
         self.spill_limit = parse_size(spill_limit) if spill_limit else 0
         if kv_dtype not in {k.value for k in KVDtype}:
             raise ValueError(f"kv_dtype must be one of {', '.join(k.value for k in KVDtype)}, got {kv_dtype!r}")
@@ -175,12 +181,8 @@ class UniversalSLIProcessor:
         if target_loss is not None:
             if target_bits is not None:
                 raise ValueError("give target_bits or target_loss, not both")
-            probe = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir, progress=progress)
-            work = probe.cache_dir / "plans" / f"{probe.source.fingerprint()}-loss{target_loss:g}"
-            try:
-                sp = plan_by_salience(probe.source, target_loss=target_loss, calibration=calibration, work_dir=work, progress=progress)
-            finally:
-                probe.close()
+            return cls._for_loss(model_name, target_loss, calibration, cache_dir=cache_dir, memory_budget=memory_budget,
+                                 progress=progress, **kwargs)
         else:
             if calibration is not None:
                 raise ValueError("calibration= applies to a loss target (target_loss=); a bits target calibrates on the shipped text")
@@ -193,6 +195,44 @@ class UniversalSLIProcessor:
         p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)
         p.salience = sp
         return p
+
+    LOSS_TRIES = 3  # plans (each built and measured) before a loss target is given up
+
+    @classmethod
+    def _for_loss(cls, model_name, target: float, calibration, *, cache_dir, memory_budget, progress, **kwargs):
+        """Plan for ``target``, build, and measure the built cache on the held-out text: the plan
+        scores candidates GPTQ'd on the unquantized model's activations, while the writer runs
+        GPTQ sequentially on the quantized layers' outputs, so the built loss can differ from the
+        planned one. Over the target, the built variant is deleted and the plan aims lower by the
+        ratio measured, up to :data:`LOSS_TRIES` times; then an error with the figures."""
+        from sli.offline.config import QuantizationConfig
+        from sli.offline.salience import plan_by_salience
+
+        aim, tried = target, []
+        for _ in range(cls.LOSS_TRIES):
+            probe = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir, progress=progress)
+            work = probe.cache_dir / "plans" / f"{probe.source.fingerprint()}-loss{aim:g}"
+            try:
+                sp = plan_by_salience(probe.source, target_loss=target, aim_loss=None if aim == target else aim,
+                                      calibration=calibration, work_dir=work, progress=progress)
+            finally:
+                probe.close()
+            p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)
+            p.salience = sp
+            built = p.heldout_loss()
+            sp.built_loss = built
+            if built <= target:
+                return p
+            tried.append((aim, sp.loss, built))
+            logger.info("loss target %.3g%%: planned %+.3f%% at aim %.3g%%, built %+.3f%%: aiming lower", target, sp.loss, aim, built)
+            vid = p.variant_id
+            p.close()
+            with LayerStore(p.cache_dir) as st:
+                st.delete_variant(vid)
+            aim = min(aim, max(sp.loss, 1e-3)) * min(0.9, max(target, 1e-3) / max(built, 1e-9))  # below what was planned
+        raise ValueError(f"loss target {target}%: the built caches measured "
+                         + ", ".join(f"{b:+.3f}% (planned {pl:+.3f}% aiming at {a:.3g}%)" for a, pl, b in tried)
+                         + "; raise --target-loss or give more calibration samples")
 
     def heldout_loss(self) -> float:
         """For a plan with a calibration: the perplexity loss (percent, against the unquantized
@@ -345,7 +385,7 @@ class UniversalSLIProcessor:
             return
         self._model = StreamingModel(
             self._store, vid, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch, context_tokens=self.context_tokens,
-            readahead=self.readahead,
+            readahead=self.readahead, page_cache=self.page_cache,
         )
 
     def _variant_complete(self) -> bool:

@@ -68,7 +68,8 @@ def make_tiny_model(
     torch.manual_seed(seed)
     cfg = tiny_config(model_type, **kw)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    out = root / f"{model_type}-{fmt}-{shards}-{seed}"
+    # every argument in the name: two tests asking for different models never share (and overwrite) a folder
+    out = root / "-".join([model_type, fmt, str(shards), str(seed), *(f"{k}{v}" for k, v in sorted(kw.items()))])
     out.mkdir(parents=True, exist_ok=True)
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(out)

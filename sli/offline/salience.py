@@ -79,6 +79,7 @@ class SaliencePlan:
     bits_all: float | None = None  # bits per weight over every parameter (embeddings, head, norms)
     row_losses: dict[str, dict[str, float]] = field(default_factory=dict)  # embeddings/head: label -> loss alone
     steps: list[dict] = field(default_factory=list)  # the budgets tried: bits, loss
+    built_loss: float | None = None  # the held-out loss of the cache built from the plan, percent
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -157,6 +158,7 @@ def plan_by_salience(
     calibration_tokens: int = 1024,
     skip_modules: tuple[str, ...] | list[str] | None = None,
     progress: bool = True,
+    aim_loss: float | None = None,
 ) -> SaliencePlan:
     """Assign a codec to every quantizable weight: to meet ``target_bits`` on average, or,
     with the fewest bits, to keep the perplexity loss on held-out calibration text under
@@ -173,6 +175,8 @@ def plan_by_salience(
         work_dir: loss target: where candidate records wait (removed afterwards).
         skip_modules: kept unquantized. Default: the head and embeddings for a bits target;
             nothing for a loss target (they are candidates too).
+        aim_loss: loss target: plan against this loss instead (below ``target_loss``, which
+            stays the recorded target): the processor's retry when a built cache missed it.
 
     Raises:
         ValueError: no target or both; a target below what the cheapest candidates reach.
@@ -188,7 +192,7 @@ def plan_by_salience(
         if cal.holdout_tokens == 0:
             cal = dataclasses.replace(cal, holdout_tokens=HOLDOUT_TOKENS)
         return _plan_for_loss(source, target_loss, cal, work_dir,
-                              candidates=candidates, skip_modules=tuple(skip_modules or ()), progress=progress)
+                              candidates=candidates, skip_modules=tuple(skip_modules or ()), progress=progress, aim=aim_loss)
     if skip_modules is None:
         skip_modules = ("lm_head", "embed_tokens")
 
@@ -235,7 +239,9 @@ def plan_by_salience(
     return SaliencePlan(plan, target_bits, achieved, choice, scores)
 
 
-def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, candidates, skip_modules, progress) -> SaliencePlan:
+def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, candidates, skip_modules, progress,
+                   aim: float | None = None) -> SaliencePlan:
+    goal = target if aim is None else aim  # what the plan is measured against (a retry aims below the target)
     if target <= 0:
         raise ValueError(f"target_loss is a percent perplexity loss and must be positive, got {target}")
     if not cal.method.gptq:
@@ -254,7 +260,7 @@ def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, c
                 loss = probe.loss({name: lbl}) if lbl != KEEP else 0.0
                 row_losses[name][lbl] = loss
                 logger.info("%s as %s alone: %+.2f%% held-out loss", name, lbl, loss)
-                if loss <= ROW_SHARE * target:
+                if loss <= ROW_SHARE * goal:
                     rows[name] = lbl
                     break
         numel_layers = {n: scores.numel[n] for n in scores.layers}
@@ -273,20 +279,20 @@ def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, c
         best = None
         for hi in (int8, kept):
             choice, loss, used = measure(hi)
-            if loss <= target:
+            if loss <= goal:
                 best = (choice, loss, used)
                 break
         if best is None:
             raise ValueError(f"even with every layer weight kept the held-out loss is {loss:+.2f}% (embeddings and head: "
                              f"{rows}), above the target {target}%; raise --target-loss")
         choice, loss, used = measure(lo)
-        if loss <= target:
+        if loss <= goal:
             best = (choice, loss, used)
         else:
             for _ in range(6):  # bisection on the byte budget: the smallest one measured under the target
                 mid = (lo + hi) / 2
                 choice, loss, used = measure(mid)
-                if loss <= target:
+                if loss <= goal:
                     hi, best = mid, (choice, loss, used)
                 else:
                     lo = mid
@@ -305,7 +311,7 @@ def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, c
             skip_modules=[],
             overrides=overrides,
             calibration=cal,
-            planned={"target_loss": target, "loss": round(loss, 4), "bits_per_weight": round(bits_all, 4),
+            planned={"target_loss": target, **({"aimed_loss": round(goal, 4)} if aim is not None else {}), "loss": round(loss, 4), "bits_per_weight": round(bits_all, 4),
                      "layer_bits_per_weight": round(achieved, 4), **{f"rows:{n}": lbl for n, lbl in rows.items()}},
         )
         sp = SaliencePlan(plan, None, achieved, {**choice, **rows}, {**scores.layers, **scores.rows}, target_loss=target,
