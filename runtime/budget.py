@@ -204,20 +204,25 @@ class MemoryBudget:
                 f"plus {num_slots} streaming slots of {format_size(slot)} (the largest layer); "
                 f"use --memory-budget {_round_up_mb(minimum)}MB or more, a shorter context, or a smaller quantization mode"
             )
-        # records of streamed units pass through the page cache: the one computing, the next read ahead, slack
-        inflight = 3 * max((u.stored_bytes for u in units), default=0) if mapping else 0
+        def inflight(kept_names: set[str]) -> int:
+            # records of the units that still stream pass through the page cache: the one
+            # computing, the next read ahead, slack (a kept unit is never in flight)
+            return 3 * max((u.stored_bytes for u in units if u.name not in kept_names), default=0) if mapping else 0
+
         room = self.bytes - minimum
         anon_planned, mapped_planned = minimum, 0
         kept: list[Unit] = []
-        # most bytes saved per token for each byte held first
-        for u in sorted(units, key=lambda u: (-u.stored_bytes / max(u.resident_bytes, 1), u.name)):
+        names: set[str] = set()
+        # most bytes saved per token for each byte held first; among mapped units (one byte of
+        # page cache per byte read) the largest first, which also shrinks what is in flight
+        for u in sorted(units, key=lambda u: (-u.stored_bytes / max(u.resident_bytes, 1), -u.stored_bytes, u.name)):
             a, m = anon(u), mapped(u)
-            if a <= room and (not m or mapped_planned + m + inflight <= map_room(anon_planned + a)):
+            if a <= room and (not m or mapped_planned + m + inflight(names | {u.name}) <= map_room(anon_planned + a)):
                 kept.append(u)
+                names.add(u.name)
                 room -= a
                 anon_planned += a
                 mapped_planned += m
-        names = {u.name for u in kept}
         return BudgetPlan(
             budget_bytes=self.bytes,
             fixed=fixed,
@@ -232,7 +237,7 @@ class MemoryBudget:
             mapped=tuple(u.name for u in units if u.name in names and mapped(u)),
             mapped_bytes=mapped_planned,
             page_cache=room_text,
-            inflight_bytes=inflight,
+            inflight_bytes=inflight(names),
         )
 
 

@@ -284,11 +284,16 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             ids = llm.tokenize(PROMPT_TEXT.encode() * (spec["prompt_tokens"] // 30 + 2), add_bos=True)[: spec["prompt_tokens"]]
             import numpy as np
 
+            def last_logits():
+                # llama-cpp-python 0.3.x fills llm.scores only with logits_all=True: read the last
+                # token's logits from the context itself
+                return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
             clock, toks = _Clock(), []
             clock.start()
             llm.eval(ids)  # the prefill: the first token's logits are ready
             for _ in range(spec["new_tokens"]):
-                toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))  # greedy, as every other point
+                toks.append(int(np.argmax(last_logits())))  # greedy, as every other point
                 clock.tick()
                 if len(toks) < spec["new_tokens"]:
                     llm.eval([toks[-1]])
