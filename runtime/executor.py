@@ -184,7 +184,12 @@ class StreamingModel:
 
     def _choose_readahead(self, readahead: bool | None) -> bool | None:
         if readahead is None and self.plan.streaming:
-            room, why = readahead_room(3 * self.plan.slot_bytes)  # the layer computing, the next, slack
+            # the streamed records computing, read ahead and slack pass through the page cache (a
+            # packed layer is read in place: its slot is empty, its records are not), beside
+            # the mapped weights the plan keeps there
+            streamed = set(self.plan.streamed)
+            largest = max((u.stored_bytes for u in self.units if u.name in streamed), default=0)
+            room, why = readahead_room(3 * max(self.plan.slot_bytes, largest) + self.plan.mapped_bytes)
             if not WILLNEED_SUPPORTED:
                 room, why = False, "this platform has no madvise(MADV_WILLNEED)"
             self.readahead_reason = why
