@@ -95,6 +95,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=spec.get("dtype", "float32"),
                 context_tokens=spec.get("context_tokens"),
                 progress=False,
+                spill_limit=0,  # no KV reused from an earlier point's prompt: every prefill computes
             )
             m = p.load()
             p.tokenizer

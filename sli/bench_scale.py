@@ -226,7 +226,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
             p = UniversalSLIProcessor(spec["model"], quantization_config=spec["mode"], cache_dir=spec["cache_dir"],
                                       memory_budget=spec["budget"], dtype="bfloat16", progress=False,
-                                      context_tokens=spec["context_tokens"], readahead=spec.get("readahead"))
+                                      context_tokens=spec["context_tokens"], readahead=spec.get("readahead"),
+                                      spill_limit=0)  # no KV reused from an earlier point's prompt: every prefill computes
             m = p.model
             tok = p.tokenizer
             if spec.get("batch"):
