@@ -381,7 +381,7 @@ def markdown(res: dict[str, Any]) -> str:
            f"{CGROUP_MARGIN >> 20} MiB (anonymous memory and page cache together)" if cfg["cold"] else ", warm, no limit")
         + f". Closed-loop clients, {cfg['requests_per_client']} requests each, one after another, streaming; prompts of "
         f"{cfg['prompt_tokens']} tokens (no shared prefix), {cfg['new_tokens']} new tokens each (greedy, end-of-sequence ignored). "
-        "sli: int4 (groups of 128), bf16 compute, `--itl-factor 2`; llama.cpp: `llama-server --parallel <clients>` on the Q4_0 of "
+        "sli: int4 (groups of 64, head and embeddings as int8 rows), bf16 compute, `--itl-factor 2`; llama.cpp: `llama-server --parallel <clients>` on the Q4_0 of "
         "the same model, as shipped (weights repacked into anonymous memory at load) and with `--no-repack` (weights used from "
         "the mapped file, as sli's are). Aggregate tok/s: generated tokens over the time from the first request to the last token. "
         "Inter-token latency (ITL): the gaps between a request's streamed chunks. Peak anon: the server's anonymous memory "
