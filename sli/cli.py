@@ -273,17 +273,22 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_fits(a: argparse.Namespace) -> int:
-    from sli.bench_fits import FitsConfig, run_fits, write_fits_outputs
-
-    cfg = FitsConfig(shape=a.scale, workdir=a.workdir or "", out_dir=a.out if a.out != "bench-results" else "docs/results",
-                     limits=tuple(x for x in a.limits.split(",") if x))
+def _scale_options(cfg, a: argparse.Namespace):
+    """The options the scale and fits benchmarks share: tokens decoded, prompt length, peers."""
     if a.new_tokens_scale:
         cfg.new_tokens = a.new_tokens_scale
     if a.prompt_tokens:
         cfg.prompt_tokens = a.prompt_tokens
     if a.peers is not None:
         cfg.peers = tuple(x for x in a.peers.split(",") if x)
+    return cfg
+
+
+def cmd_bench_fits(a: argparse.Namespace) -> int:
+    from sli.bench_fits import FitsConfig, run_fits, write_fits_outputs
+
+    cfg = _scale_options(FitsConfig(shape=a.scale, workdir=a.workdir or "", out_dir=a.out if a.out != "bench-results" else "docs/results",
+                                    limits=tuple(x for x in a.limits.split(",") if x)), a)
     res = run_fits(cfg, progress=lambda m: print(f"[fits] {m}", file=sys.stderr, flush=True))
     paths = write_fits_outputs(res, cfg.out_dir)
     print(open(paths["md"]).read())
@@ -300,13 +305,7 @@ def cmd_bench_scale(a: argparse.Namespace) -> int:
                       llama_convert=a.llama_convert or "", keep=a.keep)
     if a.budgets:
         cfg.budgets = tuple(a.budgets.split(","))
-    if a.new_tokens_scale:
-        cfg.new_tokens = a.new_tokens_scale
-    if a.prompt_tokens:
-        cfg.prompt_tokens = a.prompt_tokens
-    if a.peers is not None:
-        cfg.peers = tuple(x for x in a.peers.split(",") if x)
-    res = run_scale(cfg, progress=lambda m: print(f"[scale] {m}", file=sys.stderr, flush=True))
+    res = run_scale(_scale_options(cfg, a), progress=lambda m: print(f"[scale] {m}", file=sys.stderr, flush=True))
     paths = write_scale_outputs(res, cfg.out_dir)
     print(open(paths["md"]).read())
     return 0
