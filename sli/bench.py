@@ -412,11 +412,21 @@ def markdown_table(points: list[Point]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: list[Point], path: Path) -> str:
-    import matplotlib
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or an ImportError that says how to get it
+    (every benchmark's plot comes through here)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # a missing plotting library is said, not skipped
+        raise ImportError(f"the plot needs matplotlib ({e}); install it with pip install 'sli[bench]'") from e
+    return plt
+
+
+def plot(points: list[Point], path: Path) -> str:
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for mode in sorted({p.mode for p in points if p.system == "sli"}):

@@ -128,10 +128,9 @@ def goals(rows: list[dict[str, Any]], ref: float | None) -> list[str]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> str:
-    import matplotlib
+    from sli.bench import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ref = next((r.get("perplexity") for r in rows if r["system"] == "reference"), None)
     styles = {("sli", "rtn"): ("gray", "o"), ("sli", "gptq"): ("tab:blue", "o"), ("sli", "awq"): ("tab:green", "o"),

@@ -38,7 +38,7 @@ from typing import Any
 
 from cache.readahead import drop_file_cache
 from runtime.hostmem import CGROUP_ROOT, own_cgroups
-from sli.bench import RESULT_MARK, run_worker
+from sli.bench import RESULT_MARK, pyplot, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -591,13 +591,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # as sli bench: a missing plotting library is said, not skipped
-        raise ImportError(f"the plot needs matplotlib ({e}); install it with pip install 'sli[bench]'") from e
+    plt = pyplot()
     from runtime.memory import parse_size
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

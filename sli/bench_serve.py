@@ -416,13 +416,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> str:
-    try:
-        import matplotlib
+    from sli.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # as sli bench: a missing plotting library is said, not skipped
-        raise ImportError(f"the plot needs matplotlib ({e}); install it with pip install 'sli[bench]'") from e
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     series: dict[str, list[tuple[int, dict]]] = {}
     for p in res["points"]:
