@@ -20,7 +20,7 @@ def set_param(module: nn.Module, pname: str, t: torch.Tensor) -> None:
     elif pname in module._buffers:
         module._buffers[pname] = t
     else:
-        raise KeyError(f"{pname} from the cache has no place in {type(module).__name__}")
+        raise KeyError(f"{pname} has no place in {type(module).__name__} (neither a parameter nor a buffer)")
 
 
 def assign(model: nn.Module, tensors: dict[str, torch.Tensor | PackedInt4],

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from runtime.arch import ArchSpec
+from runtime.surgery import set_param
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,7 @@ def put_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put tensors into the model by full name (parameters or buffers)."""
     for name, t in tensors.items():
         mod_name, _, p = name.rpartition(".")
-        m = model.get_submodule(mod_name)
-        if p in m._parameters:
-            m._parameters[p] = nn.Parameter(t, requires_grad=False)
-        elif p in m._buffers:
-            m._buffers[p] = t
-        else:
-            raise KeyError(f"{name} has no place in the {type(model).__name__} skeleton")
+        set_param(model.get_submodule(mod_name), p, t)
 
 
 def to_meta(module: nn.Module) -> None:
