@@ -232,8 +232,9 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     if table is None:
         if code.numel() != 16:
             raise ValueError(f"a 4-bit codebook has 16 entries, this record holds {code.numel()}")
-        pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()  # [256, 2] float32
-        table = _PAIR_TABLES.setdefault(key, pairs.view(torch.int64).view(256))
+        with torch.inference_mode(False):  # kept across calls: a normal tensor, usable in and out of inference mode
+            pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()  # [256, 2] float32
+            table = _PAIR_TABLES.setdefault(key, pairs.view(torch.int64).view(256))
     return table
 
 
@@ -243,8 +244,12 @@ def _scratch(step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     key = (str(device), step)
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None or bufs[0] != key:
-        bufs = _SCRATCH.bufs = (key, torch.empty(step + 2, dtype=torch.float32, device=device),
-                                torch.empty(step // 2 + 1, dtype=torch.int32, device=device))
+        # kept across calls, so made outside inference mode whatever the caller is in: an
+        # inference tensor could not be written by a later decode outside it (a model that
+        # decodes its kept layers at load, after another one generated)
+        with torch.inference_mode(False):
+            bufs = _SCRATCH.bufs = (key, torch.empty(step + 2, dtype=torch.float32, device=device),
+                                    torch.empty(step // 2 + 1, dtype=torch.int32, device=device))
     return bufs[1], bufs[2]
 
 

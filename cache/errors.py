@@ -49,3 +49,8 @@ class TruncatedCacheError(CacheError):
 class DiskFullError(CacheError):
     """Too little free space on the cache's file system for the next write. Everything
     committed before it is kept: the same command resumes once there is room."""
+
+
+class CacheGrewError(CacheError):
+    """Another process grew the cache past this process's map while records were used in
+    place from it: the map cannot move under them. The cache is intact; reopen it."""

@@ -36,7 +36,8 @@ import torch
 from cache.codecs import RawCodec, decode_tensor
 from cache.errors import CacheError, CacheFormatError, CorruptRecordError, DiskFullError, TruncatedCacheError
 from cache.record import decode_record, encode_record
-from cache.store import _check_not_truncated, check_free_space
+from cache.envs import SharedEnv, acquire, release
+from cache.store import check_free_space
 
 logger = logging.getLogger(__name__)
 
@@ -77,28 +78,41 @@ class KVSpillStore:
         self.hits = self.misses = self.corrupt = self.evicted = self.skipped = 0
         self._said: set[str] = set()
         self.env: lmdb.Environment | None = None
+        self._shared: SharedEnv | None = None
         self._open()
 
     def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            if (self.path / _DATA_FILE).exists():
-                _check_not_truncated(self.path)  # before anything maps it: a page past the end is a SIGBUS
-            else:
+            if not (self.path / _DATA_FILE).exists():
                 check_free_space(self.path, 0, "a new KV spill store")
-            env = lmdb.open(str(self.path), map_size=max(4 * self.limit_bytes, 64 << 20), max_dbs=2, writemap=False)
+            # shared with every other spill store on this directory in the process (two
+            # processors on one cache): LMDB allows one environment per file per process
+            shared = acquire(self.path, write=True, max_dbs=2)
         except _DAMAGED as e:
             raise SpillDamagedError(_short(e)) from e
         try:
-            self._blocks = env.open_db(b"blocks")
-            self._lru = env.open_db(b"lru")  # hash -> {"n": bytes, "t": last use}
+            self._blocks = shared.db(b"blocks", create=True)
+            self._lru = shared.db(b"lru", create=True)  # hash -> {"n": bytes, "t": last use}
         except _DAMAGED as e:
-            env.close()
+            release(shared)
             raise SpillDamagedError(_short(e)) from e
         except BaseException:
-            env.close()
+            release(shared)
             raise
-        self.env = env
+        self._shared: SharedEnv | None = shared
+        self.env = shared.env
+
+    def _follow(self) -> None:
+        """Another process (or another store of this one) set the directory aside as damaged
+        and started afresh: use the new environment, not the one moved away."""
+        if self.env is not None and not self._shared.is_current():
+            logger.info("KV spill %s was replaced by another user; following it", self.path)
+            self.close()
+            try:
+                self._open()
+            except (OSError, lmdb.Error, CacheError) as e:
+                self._say("follow", "KV spill %s was replaced and cannot be reopened (%s); spilling is off", self.path, _short(e))
 
     @property
     def enabled(self) -> bool:
@@ -107,8 +121,9 @@ class KVSpillStore:
 
     def close(self) -> None:
         if self.env is not None:
-            self.env.close()
             self.env = None
+            release(self._shared)
+            self._shared = None
 
     def _say(self, kind: str, msg: str, *args) -> None:
         """Warn once per kind of trouble."""
@@ -144,10 +159,11 @@ class KVSpillStore:
                       "recomputed when needed)", self.path, what, _short(e))
 
     def __contains__(self, h: bytes) -> bool:
+        self._follow()
         if self.env is None:
             return False
         try:
-            with self.env.begin(db=self._lru) as txn:
+            with self._shared.begin(db=self._lru) as txn:
                 return txn.get(h) is not None
         except lmdb.Error as e:
             self._failed("a lookup", e)
@@ -157,17 +173,18 @@ class KVSpillStore:
     def total_bytes(self) -> int:
         if self.env is None:
             return 0
-        with self.env.begin(db=self._lru) as txn:
+        with self._shared.begin(db=self._lru) as txn:
             return sum(json.loads(v)["n"] for _, v in txn.cursor())
 
     def put(self, h: bytes, block: torch.Tensor) -> bool:
         """Store a block (no-op when already stored, apart from marking it used). Returns
         whether it is stored; a block the disk cannot take is skipped (said once), never raised."""
+        self._follow()
         if self.env is None:
             return False
         now = time.time()
         try:
-            with self.env.begin(write=True) as txn:
+            with self._shared.begin(write=True) as txn:
                 meta = txn.get(h, db=self._lru)
                 if meta is not None:
                     txn.put(h, json.dumps({"n": json.loads(meta)["n"], "t": now}).encode(), db=self._lru)
@@ -185,11 +202,12 @@ class KVSpillStore:
 
     def get(self, h: bytes, *, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """The stored block, or None when absent, of another shape, or corrupt (then deleted)."""
+        self._follow()
         if self.env is None:
             self.misses += 1
             return None
         try:
-            with self.env.begin(db=self._blocks) as txn:
+            with self._shared.begin(db=self._blocks) as txn:
                 rec = txn.get(h)
         except lmdb.Error as e:
             self._failed(f"reading block {h.hex()}", e)
@@ -209,7 +227,7 @@ class KVSpillStore:
             self.misses += 1
             return None
         try:
-            with self.env.begin(write=True) as txn:
+            with self._shared.begin(write=True) as txn:
                 meta = txn.get(h, db=self._lru)
                 if meta is not None:
                     txn.put(h, json.dumps({"n": json.loads(meta)["n"], "t": time.time()}).encode(), db=self._lru)
@@ -222,20 +240,20 @@ class KVSpillStore:
         if self.env is None:
             return
         try:
-            with self.env.begin(write=True) as txn:
+            with self._shared.begin(write=True) as txn:
                 txn.delete(h, db=self._blocks)
                 txn.delete(h, db=self._lru)
         except lmdb.Error as e:
             self._failed("deleting a corrupt block", e)
 
     def _evict(self) -> None:
-        with self.env.begin(db=self._lru) as txn:
+        with self._shared.begin(db=self._lru) as txn:
             entries = [(json.loads(v)["t"], k, json.loads(v)["n"]) for k, v in txn.cursor()]
         total = sum(n for _, _, n in entries)
         if total <= self.limit_bytes:
             return
         entries.sort()
-        with self.env.begin(write=True) as txn:
+        with self._shared.begin(write=True) as txn:
             for _, k, n in entries:
                 if total <= self.limit_bytes:
                     break

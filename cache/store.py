@@ -40,13 +40,13 @@ from cache.errors import (
     VariantNotFoundError,
 )
 from cache.manifest import STORE_FORMAT_VERSION, GroupEntry, Manifest, TensorEntry
+from cache.envs import DATA_FILE as _DATA_FILE
+from cache.envs import SharedEnv, _check_not_truncated, _used_bytes, acquire, release
 from cache.readahead import advise_pageout, advise_willneed, drop_file_cache
 from cache.record import EncodedTensor, decode_record, dtype_from_name, read_header
 
 logger = logging.getLogger(__name__)
 
-_INITIAL_MAP_SIZE = 256 << 20
-_DATA_FILE = "data.mdb"
 # Free space kept on the cache's file system beyond what a write needs: LMDB also writes
 # B-tree pages and two meta pages per commit, and a file system needs room of its own.
 DISK_MARGIN = 32 << 20
@@ -55,44 +55,6 @@ DISK_MARGIN = 32 << 20
 def _free_bytes(path: Path) -> int:
     """Free bytes on the file system holding ``path`` (a seam for tests)."""
     return shutil.disk_usage(path).free
-
-
-def _used_bytes(env: lmdb.Environment) -> int:
-    """Bytes of the data file the environment uses, by its own meta page (last page in use)."""
-    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-
-
-def _check_not_truncated(path: Path) -> None:
-    """Compare the data file's size with the environment's own record of the pages it uses,
-    before anything maps the file: a page past the end of a mapped file is a SIGBUS, not an
-    error. The environment is opened read-only and without the lock file (nothing is
-    written); its meta pages are read by LMDB itself.
-
-    Raises:
-        TruncatedCacheError: the file ends before the last page in use.
-        CacheFormatError: the file is not an LMDB environment at all.
-    """
-    data = path / _DATA_FILE
-    if not data.exists():
-        return
-    have = data.stat().st_size
-    try:
-        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=4, readahead=False)
-    except lmdb.Error as e:
-        raise CacheFormatError(
-            f"{data} ({have} bytes) is not a readable LMDB environment ({e}): a partial copy or another file. "
-            f"Copy the cache again, or delete it (`rm -r {shlex.quote(str(path))}`) and run `sli quantize` again"
-        ) from e
-    try:
-        need = _used_bytes(env)
-    finally:
-        env.close()
-    if have < need:
-        raise TruncatedCacheError(
-            f"{data} is {have} bytes but its environment uses {need} bytes ({need - have} missing): "
-            "the file was cut short (a partial copy or a full disk). Copy the cache again, or delete it "
-            f"(`rm -r {shlex.quote(str(path))}`) and run `sli quantize` again"
-        )
 
 
 def check_free_space(path: Path, need: int, what: str) -> None:
@@ -113,69 +75,6 @@ def check_free_space(path: Path, need: int, what: str) -> None:
 
 def _k(s: str) -> bytes:
     return s.encode()
-
-
-class _SharedEnv:
-    """LMDB allows one environment per file per process: stores on the same directory share it."""
-
-    def __init__(self, env: lmdb.Environment, readonly: bool) -> None:
-        self.env, self.readonly, self.users = env, readonly, 0
-
-
-_OPEN: dict[str, _SharedEnv] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def _acquire_env(path: Path, *, readonly: bool) -> lmdb.Environment:
-    key = os.path.realpath(path)
-    with _OPEN_LOCK:
-        shared = _OPEN.get(key)
-        if shared is not None:
-            if shared.readonly and not readonly:
-                raise CacheFormatError(
-                    f"cache {path} is open read-only in this process; close its readers before writing to it"
-                )
-            shared.users += 1
-            return shared.env
-        _check_not_truncated(path)
-        existing = (path / _DATA_FILE).stat().st_size if (path / _DATA_FILE).exists() else 0
-        try:
-            env = lmdb.open(
-                str(path),
-                # never more than the file already is: the map grows on demand while writing
-                map_size=max(_INITIAL_MAP_SIZE, existing),
-                max_dbs=4,
-                readonly=readonly,
-                lock=True,
-                # the kernel's own read-ahead on page faults stays on: under a tight memory limit,
-                # pages read ahead explicitly (cache.readahead) can be reclaimed before use, and
-                # with LMDB's random-access advice each of them then came back 4 KiB at a time
-                readahead=True,
-                # a transaction's dirty pages are malloc'd and written with pwrite at commit: a
-                # writable map would fault every new page in from the file system first, which made
-                # writing 4.3 GB of an 8 B model's records cost ~1.2 M major faults (measured)
-                writemap=False,
-                metasync=True,
-                sync=True,
-            )
-        except lmdb.Error as e:
-            raise CacheFormatError(f"{path} is not a readable sli cache ({e}); delete it and run `sli quantize` again") from e
-        shared = _SharedEnv(env, readonly)
-        shared.users = 1
-        _OPEN[key] = shared
-        return env
-
-
-def _release_env(path: Path) -> None:
-    key = os.path.realpath(path)
-    with _OPEN_LOCK:
-        shared = _OPEN.get(key)
-        if shared is None:
-            return
-        shared.users -= 1
-        if shared.users == 0:
-            shared.env.close()
-            del _OPEN[key]
 
 
 class LayerStore:
@@ -200,19 +99,23 @@ class LayerStore:
                 )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-        self.env = _acquire_env(self.path, readonly=readonly)
+        self._shared: SharedEnv = acquire(self.path, write=not readonly, max_dbs=4)
+        self.env = self._shared.env
         self._closed = False
         try:
-            self._meta = self.env.open_db(b"meta", create=not readonly)
-            self._tensors = self.env.open_db(b"tensors", create=not readonly)
+            self._meta = self._shared.db(b"meta", create=not readonly)
+            self._tensors = self._shared.db(b"tensors", create=not readonly)
             self._check_format()
+        except lmdb.NotFoundError as e:
+            self.close()
+            raise CacheFormatError(f"{self.path} is an LMDB environment but not an sli cache ({e})") from e
         except BaseException:
             self.close()
             raise
 
     # -- housekeeping -------------------------------------------------------------------
     def _check_format(self) -> None:
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             raw = txn.get(b"format")
         if raw is None:
             if self.readonly:
@@ -247,7 +150,7 @@ class LayerStore:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _release_env(self.path)
+            release(self._shared)
 
     def __enter__(self) -> "LayerStore":
         return self
@@ -275,7 +178,7 @@ class LayerStore:
         self._reserve(size)
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._shared.begin(write=True) as txn:
                     for (db, key), value in items.items():
                         txn.put(key, value, db=db)
                 return
@@ -283,9 +186,7 @@ class LayerStore:
                 self._grow(self.map_size * 2)
 
     def _grow(self, at_least: int) -> None:
-        new = max(at_least, self.map_size * 2)
-        logger.debug("growing LMDB map of %s to %d MiB", self.path, new >> 20)
-        self.env.set_mapsize(new)
+        self._shared.grow(at_least)
 
     # -- writing ------------------------------------------------------------------------
     def begin_variant(self, vid: str, source_info: dict[str, Any]) -> None:
@@ -295,7 +196,7 @@ class LayerStore:
             CacheMismatchError: the variant id exists with a different source fingerprint.
         """
         key = _k(f"variant/{vid}/source")
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             old = txn.get(key)
         if old is not None:
             old_info = json.loads(old)
@@ -320,7 +221,7 @@ class LayerStore:
             raise PermissionError(f"cache {self.path} is open read-only")
         check_free_space(self.path, 0, f"group {group}")  # each record is checked again as it is put
         self._reserve(expected_bytes)
-        txn = self.env.begin(write=True)
+        txn = self._shared.begin(write=True)
         writer = GroupWriter(self, txn, vid, group)
         try:
             yield writer
@@ -357,13 +258,13 @@ class LayerStore:
 
     # -- reading ------------------------------------------------------------------------
     def get_group(self, vid: str, group: str) -> GroupEntry | None:
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             raw = txn.get(_k(f"variant/{vid}/group/{group}"))
         return None if raw is None else GroupEntry.from_dict(json.loads(raw))
 
     def get_manifest(self, vid: str) -> Manifest | None:
         """The variant's manifest, or None if the variant is absent or unfinished."""
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             raw = txn.get(_k(f"variant/{vid}/manifest"))
         if raw is None:
             return None
@@ -395,7 +296,7 @@ class LayerStore:
 
     def _raw_manifests(self) -> Iterator[tuple[str, bytes]]:
         """(variant id, manifest bytes as stored) of every complete variant, unparsed."""
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             cur = txn.cursor()
             if cur.set_range(b"variant/"):
                 for key, raw in cur:
@@ -410,7 +311,7 @@ class LayerStore:
         return [vid for vid, _ in self._raw_manifests()]
 
     def get_file(self, model_fp: str, name: str) -> bytes:
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             raw = txn.get(_k(f"model/{model_fp}/file/{name}"))
         if raw is None:
             raise VariantNotFoundError(f"file {name!r} of model {model_fp} is not in {self.path}")
@@ -424,7 +325,7 @@ class LayerStore:
             CorruptRecordError: the record fails its checks (it is never served).
         """
         key = f"{vid}/{name}"
-        with self.env.begin(db=self._tensors, buffers=True) as txn:
+        with self._shared.begin(db=self._tensors, buffers=True) as txn:
             buf = txn.get(_k(key))
             if buf is None:
                 raise VariantNotFoundError(f"no record {key!r} in {self.path}")
@@ -438,13 +339,19 @@ class LayerStore:
         """A read transaction whose records are decoded without copying uncompressed payloads:
         their parts are views into LMDB's memory map (file-backed pages, not process memory),
         valid only inside the ``with`` block. The streaming executor decodes through this."""
-        with self.env.begin(db=self._tensors, buffers=True) as txn:
-            yield RecordReader(self, txn)
+        with self._shared.begin(db=self._tensors, buffers=True) as txn:
+            self._shared.pin()
+            try:
+                yield RecordReader(self, txn)
+            finally:
+                self._shared.unpin()
 
     def open_reader(self) -> "RecordReader":
         """Like :meth:`reader`, for a transaction that outlives one block (records used in
         place while a layer computes): the caller must :meth:`RecordReader.close` it."""
-        return RecordReader(self, self.env.begin(db=self._tensors, buffers=True))
+        txn = self._shared.begin(db=self._tensors, buffers=True)
+        self._shared.pin()
+        return RecordReader(self, txn, pinned=True)
 
     def drop_page_cache(self) -> int:
         """Evict this cache's files from the page cache (for cold measurements); returns
@@ -453,7 +360,7 @@ class LayerStore:
 
     def raw_record(self, vid: str, name: str) -> bytes | None:
         """The record's bytes as stored (for inspection and tests)."""
-        with self.env.begin(db=self._tensors) as txn:
+        with self._shared.begin(db=self._tensors) as txn:
             return txn.get(_k(f"{vid}/{name}"))
 
     def iter_records(self, vid: str) -> Iterator[tuple[str, EncodedTensor]]:
@@ -488,13 +395,14 @@ class LayerStore:
                 yield t.name, self.read_tensor(vid, t, dtype)
 
     def adopt_map_size(self) -> None:
-        """After another process grew the map (``lmdb.MapResizedError``): take its new size."""
-        self.env.set_mapsize(0)
+        """After another process grew the map (``lmdb.MapResizedError``): take its new size
+        (every transaction this store opens already does; see :mod:`cache.envs`)."""
+        self._shared.adopt_map_size()
 
     def iter_groups(self, vid_prefix: str) -> Iterator[tuple[str, GroupEntry]]:
         """(variant id, group entry) of every written group of the variants whose id starts with ``vid_prefix``."""
         start = _k(f"variant/{vid_prefix}")
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             cur = txn.cursor()
             if cur.set_range(start):
                 for key, raw in cur:
@@ -508,7 +416,7 @@ class LayerStore:
         """Write small JSON values under ``aux/<key>`` in one transaction (None deletes)."""
         if self.readonly:
             raise PermissionError(f"cache {self.path} is open read-only")
-        with self.env.begin(write=True, db=self._meta) as txn:
+        with self._shared.begin(write=True, db=self._meta) as txn:
             for key, value in items.items():
                 if value is None:
                     txn.delete(_k(f"aux/{key}"))
@@ -516,7 +424,7 @@ class LayerStore:
                     txn.put(_k(f"aux/{key}"), json.dumps(value).encode())
 
     def get_meta(self, key: str) -> Any:
-        with self.env.begin(db=self._meta) as txn:
+        with self._shared.begin(db=self._meta) as txn:
             raw = txn.get(_k(f"aux/{key}"))
         return None if raw is None else json.loads(raw)
 
@@ -524,7 +432,7 @@ class LayerStore:
         """Remove one group's records and entry in one transaction; returns the entry removed."""
         if self.readonly:
             raise PermissionError(f"cache {self.path} is open read-only")
-        with self.env.begin(write=True) as txn:
+        with self._shared.begin(write=True) as txn:
             raw = txn.get(_k(f"variant/{vid}/group/{group}"), db=self._meta)
             if raw is None:
                 return None
@@ -539,7 +447,7 @@ class LayerStore:
         """Remove a variant's records and entries (the model's shared files stay)."""
         if self.readonly:
             raise PermissionError(f"cache {self.path} is open read-only")
-        with self.env.begin(write=True) as txn:
+        with self._shared.begin(write=True) as txn:
             for db, prefix in ((self._tensors, _k(f"{vid}/")), (self._meta, _k(f"variant/{vid}/"))):
                 cur = txn.cursor(db=db)
                 if cur.set_range(prefix):
@@ -607,12 +515,16 @@ class RecordReader:
     In a read-only store, a record's payload checksum is verified the first time this
     process reads it (its header every time)."""
 
-    def __init__(self, store: LayerStore, txn: lmdb.Transaction) -> None:
+    def __init__(self, store: LayerStore, txn: lmdb.Transaction, *, pinned: bool = False) -> None:
         self.store, self.txn = store, txn
+        self._pinned = pinned
 
     def close(self) -> None:
         """End the transaction (readers from :meth:`LayerStore.open_reader`)."""
         self.txn.abort()
+        if self._pinned:
+            self._pinned = False
+            self.store._shared.unpin()
 
     def advise(self, vid: str, name: str) -> int:
         """Ask the kernel to read a record's bytes into the page cache now, in large reads

@@ -136,7 +136,8 @@ class BlockPool:
         self.head_dim = head_dim
         width = head_dim + SCALE_BYTES if self.quantized else head_dim
         store = torch.int8 if self.quantized else dtype
-        self.data = torch.zeros(num_layers, 2, kv_heads, num_blocks, block_size, width, dtype=store, device=device)
+        with torch.inference_mode(False):  # kept across requests: filled in forward passes and from the spill outside them
+            self.data = torch.zeros(num_layers, 2, kv_heads, num_blocks, block_size, width, dtype=store, device=device)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # unreferenced blocks, least recently used first; cached (hashed) blocks stay findable until evicted
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))

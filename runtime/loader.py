@@ -94,7 +94,8 @@ class Slot:
     (``self_attn.q_proj.weight`` ...), sized for the largest layer that uses it."""
 
     def __init__(self, sizes: dict[str, int], dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
-        self.buffers = {role: torch.empty(n, dtype=dtype, device=device) for role, n in sizes.items()}
+        with torch.inference_mode(False):  # kept across passes: written in and out of inference mode
+            self.buffers = {role: torch.empty(n, dtype=dtype, device=device) for role, n in sizes.items()}
         self.owner: int | None = None
         self.reader = None  # an open transaction whose records the layer uses in place
 
@@ -244,7 +245,8 @@ class RecordLoader:
         """Two chunk buffers (made outside a forward pass: inference-mode tensors could not be
         refilled by the prefetch thread)."""
         if not self._chunk_bufs:
-            self._chunk_bufs = [torch.empty(self.chunk_elems, dtype=self.dtype) for _ in range(2)]
+            with torch.inference_mode(False):
+                self._chunk_bufs = [torch.empty(self.chunk_elems, dtype=self.dtype) for _ in range(2)]
         return self._chunk_bufs
 
     def _chunk_view(self, e: TensorEntry, rows: int, buf: int) -> torch.Tensor:

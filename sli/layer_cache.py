@@ -39,7 +39,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import torch
 from torch import nn
 
@@ -234,20 +233,6 @@ def _transformers_skeleton(desc: dict[str, Any], encoded: dict[str, EncodedTenso
     return module
 
 
-def _shared(method):
-    """Retry a store operation once after another process grew the LMDB map."""
-
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except lmdb.MapResizedError:
-            self.store.adopt_map_size()
-            return method(self, *args, **kwargs)
-
-    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
-    return wrapper
-
-
 class LayerCache:
     """Quantized layers on disk, by model id and layer index.
 
@@ -281,7 +266,6 @@ class LayerCache:
         return VARIANT_PREFIX + hashlib.sha256(model_id.encode()).hexdigest()[:16]
 
     # -- writing -----------------------------------------------------------------------------
-    @_shared
     def cache_layer(self, model_id: str, layer_index: int, layer: nn.Module, quantization_mode: str | QuantizationMode | None = None) -> None:
         """Store ``layer`` as layer ``layer_index`` of ``model_id`` (replacing what was there).
 
@@ -333,7 +317,6 @@ class LayerCache:
     def _layers(self) -> list[tuple[str, GroupEntry]]:
         return list(self.store.iter_groups(VARIANT_PREFIX))
 
-    @_shared
     def size_bytes(self) -> int:
         """Stored bytes of every cached layer."""
         return sum(g.stored_bytes for _, g in self._layers())
@@ -368,11 +351,9 @@ class LayerCache:
             )
 
     # -- reading -----------------------------------------------------------------------------
-    @_shared
     def has_layer(self, model_id: str, layer_index: int) -> bool:
         return self.store.get_group(self._vid(model_id), layer_group(layer_index)) is not None
 
-    @_shared
     def get_layer(self, model_id: str, layer_index: int) -> nn.Module | None:
         """The module cached as layer ``layer_index`` of ``model_id`` (equal weights, equal
         outputs), or None when it is not cached.
@@ -427,7 +408,6 @@ class LayerCache:
         self._memory.clear()
         self._memory_bytes = 0
 
-    @_shared
     def close(self) -> None:
         self._flush_used()
         self.clear_memory()

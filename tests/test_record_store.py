@@ -156,8 +156,11 @@ def test_store_groups_manifest_and_variants(tmp_path):
         assert st.list_variants() == [] and st.raw_record("v1", "a") is None
 
 
-def test_map_grows_instead_of_map_full(tmp_path):
+def test_map_grows_instead_of_map_full(tmp_path, monkeypatch):
+    # the map is 1 TiB of address space; capped (as an address-space limit caps it) it must grow
+    monkeypatch.setattr("cache.envs.MAP_BYTES", 8 << 20)
     with LayerStore(tmp_path / "c") as st:
+        assert st.map_size < 64 << 20
         start = st.map_size
         big = bytes(range(256)) * (1 << 12)  # 1 MiB, incompressible enough
         for i in range(int(1.5 * start / len(big))):
@@ -237,12 +240,17 @@ def test_stores_on_one_directory_share_the_environment(tmp_path):
     w.close()
     assert r.raw_record("v", "a") == rec  # still open for the reader
     r.close()
-    r1 = LayerStore(tmp_path / "c", readonly=True)  # opened read-only first: no writer can join
+    r1 = LayerStore(tmp_path / "c", readonly=True)  # opened read-only first: a writer still joins
     r2 = LayerStore(tmp_path / "c", readonly=True)
-    with pytest.raises(CacheFormatError, match="open read-only in this process; close its readers"):
-        LayerStore(tmp_path / "c")
+    with r1.reader() as rr:  # a record used in place while the writer adds another variant
+        held = rr.get("v", "a")
+        with LayerStore(tmp_path / "c") as w2:
+            w2.put_group("v2", _group("layer.0", ["a"]), {"a": rec})
+        assert all(torch.equal(held.parts[k], enc.parts[k]) for k in enc.parts)
+    with pytest.raises(PermissionError, match="open read-only"):
+        r1.put_meta({"x": 1})  # read-only is the store's, not the shared environment's
     r1.close()
-    assert r2.raw_record("v", "a") == rec
+    assert r2.raw_record("v", "a") == rec and r2.raw_record("v2", "a") == rec
     r2.close()
     with LayerStore(tmp_path / "c") as again:  # all closed: a writer may open it
         assert again.raw_record("v", "a") == rec
