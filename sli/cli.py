@@ -20,6 +20,7 @@ from sli.offline.adaptive import AdaptiveQuantizer
 from sli.offline.calibration import CalibrationConfig, CalibrationMethod
 from sli.offline.config import ChannelOrder, QuantizationConfig, QuantizationMode
 from sli.offline.sources import ModelSourceError
+from sli.server import DEFAULT_MAX_BODY_BYTES
 
 _DEFAULTS = QuantizationConfig(mode=QuantizationMode.NF4)
 # the calibration defaults, from the dataclass (an instance would hash the default text at import)
@@ -239,7 +240,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
     try:
         return serve(proc, host=a.host, port=a.port, api_key=a.api_key or None, model_name=a.served_model_name,
-                     engine_config=config, shutdown_timeout_s=a.shutdown_timeout,
+                     engine_config=config, shutdown_timeout_s=a.shutdown_timeout, max_body_bytes=a.max_body_bytes,
                      ready=lambda url: print(f"sli serve: listening on {url}", file=sys.stderr, flush=True))
     finally:
         proc.close()
@@ -625,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--itl-factor", type=float, default=2.0,
                    help="while streams decode, keep each step within this factor of a one-token step (0: off)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413 (default: %(default)s)")
     s.set_defaults(func=cmd_serve)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
     i.add_argument("cache", type=Path)

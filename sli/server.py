@@ -47,6 +47,9 @@ from sli.openai_api import (
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+# A request body larger than this is refused (413) before it is read whole: a prompt that fills
+# a 128 K-token context is about 1 MB of text, or of token ids in JSON.
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 @dataclass
@@ -59,6 +62,7 @@ class ServerState:
     info: dict[str, Any]
     created: int
     draining: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 def _error_response(e: APIError):
@@ -110,8 +114,19 @@ def create_app(state: ServerState):
              "max_model_len": state.engine.core.context_tokens}]})
 
     async def body_of(request: Request) -> Any:
+        limit = state.max_body_bytes
+        too_large = APIError(413, f"the request body is larger than the server's limit of {limit} bytes; send a shorter "
+                                  "prompt (or start the server with a larger --max-body-bytes)", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large  # refused before a byte of it is read
+        raw = bytearray()
+        async for chunk in request.stream():  # a chunked body has no length: counted as it comes
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
         try:
-            return json.loads(await request.body())
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from e
 
@@ -388,7 +403,7 @@ def _quantize_child(processor) -> None:
 
 def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None, model_name: str | None = None,
           engine_config=None, shutdown_timeout_s: float = 30.0, baseline_anon_bytes: int | None = None,
-          ready: Callable[[str], None] | None = None) -> int:
+          ready: Callable[[str], None] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
     """Load the model (quantizing first if needed), start the engine and serve until SIGTERM.
 
     Returns 0 after a graceful stop. ``ready`` is called with the URL once the socket listens.
@@ -403,7 +418,7 @@ def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | N
     engine = Engine(EngineCore(model, tok, processor.prefix_session(), engine_config or EngineConfig()))
     name = model_name or processor.model_path.name
     eos = tok.eos_token_id
-    state = ServerState(engine=engine, tokenizer=tok, model_name=name, api_key=api_key,
+    state = ServerState(engine=engine, tokenizer=tok, model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
                         stop_ids=tuple([eos] if isinstance(eos, int) else (eos or [])), created=int(time.time()),
                         info={"memory": {"baseline_anon_bytes": base, "budget_bytes": _budget_bytes(budget, model),
                                          "tokenizer_bytes": held, "model_plan_bytes": model.plan.budget_bytes}})

@@ -74,6 +74,8 @@ def test_errors_are_openai_errors_and_never_stop_the_engine(tiny_server):
     assert "256 tokens" in err["error"]["message"] and "250 in the prompt, 10 for the completion" in err["error"]["message"]
     code, err, _ = s.post("/v1/completions", b"{not json")
     assert code == 400 and err["error"]["code"] == "invalid_json"
+    code, err, _ = s.post("/v1/completions", b'{"model": "tiny", "prompt": "' + b"word5 " * (1 << 20) + b'"}')  # 6 MiB
+    assert code == 413 and err["error"]["code"] == "request_too_large" and "4194304 bytes" in err["error"]["message"]
     code, err, _ = s.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     assert code == 400 and "no chat template" in err["error"]["message"]  # the tiny tokenizer has none
     with pytest.raises(openai.AuthenticationError) as e:
