@@ -15,6 +15,7 @@ block). The map grows on demand, so writers never hit MDB_MAP_FULL.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -71,6 +72,10 @@ def check_free_space(path: Path, need: int, what: str) -> None:
             "another cache directory (--cache); what is already written is kept and the same "
             "command resumes from there"
         )
+
+
+# Per-variant writer locks (``<cache>/locks/<variant id>.lock``, flock'd while a variant is written).
+LOCKS_DIR = "locks"
 
 
 def _k(s: str) -> bytes:
@@ -235,6 +240,36 @@ class LayerStore:
         except BaseException:
             txn.abort()
             raise
+
+    @contextmanager
+    def variant_lock(self, vid: str) -> Iterator[None]:
+        """Held while a variant is written: a second writer of the same variant (another
+        process, or another thread) waits for the first, then finds what it committed, so no
+        group is built twice and the manifest is written once. Readers never wait: they see a
+        variant only once its manifest is committed, after every group.
+
+        Raises:
+            PermissionError: the store is read-only.
+        """
+        if self.readonly:
+            raise PermissionError(f"cache {self.path} is open read-only")
+        path = self.path / LOCKS_DIR / f"{vid}.lock"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                logger.info("variant %s of %s is being written by another writer (%s); waiting for it", vid, self.path,
+                            f.read().strip() or "unknown")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def put_group(self, vid: str, group: GroupEntry, records: Mapping[str, bytes]) -> None:
         """Write a group's records and its entry in one transaction (all or nothing)."""

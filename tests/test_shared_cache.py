@@ -264,3 +264,57 @@ def test_two_servers_on_one_cache_answer_while_sli_quantize_writes_into_it(tmp_p
     finally:
         for s in servers:
             assert s.stop() == 0, "".join(s.log[-30:])
+
+
+_QUANTIZE = textwrap.dedent("""
+    import logging, sys
+    from sli import UniversalSLIProcessor, QuantizationConfig
+    logging.basicConfig(level=logging.INFO)
+    r = UniversalSLIProcessor(sys.argv[1], quantization_config=QuantizationConfig(mode="int4"), cache_dir=sys.argv[2],
+                              progress=False).quantize()
+    print("BUILT", r.built_groups, "RESUMED", r.resumed_groups, flush=True)
+""")
+
+
+def test_two_writers_of_one_variant_build_it_once(tmp_path):
+    """Two processes quantizing the same variant into one cache at once: the second waits for
+    the first and finds it complete, so no group is built twice and the manifest is written once.
+    The test holds the variant's lock until both wait on it, so they do meet."""
+    from sli import QuantizationConfig, UniversalSLIProcessor
+
+    model = make_tiny_model(tmp_path, "llama", layers=3, seed=8)
+    cache = tmp_path / "cache"
+    vid = UniversalSLIProcessor(str(model), quantization_config=QuantizationConfig(mode="int4"), cache_dir=str(cache),
+                                progress=False).variant_id
+    logs = [tmp_path / f"writer{i}.log" for i in range(2)]
+    with LayerStore(cache) as st, st.variant_lock(vid):
+        procs = [subprocess.Popen([sys.executable, "-c", _QUANTIZE, str(model), str(cache)], stdout=subprocess.PIPE,
+                                  stderr=open(log, "w"), text=True, env=ENV) for log in logs]
+        deadline = time.monotonic() + 300
+        while not all("being written by another writer" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.1)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log.read_text()[-2000:] for log in logs]
+    built = sorted(int(o.split()[1]) for o in outs)
+    with LayerStore(cache, readonly=True) as st:
+        groups = len(st.require_manifest(vid).groups)
+    assert built == [0, groups], outs  # one built every group, the other none
+
+
+def test_spill_stores_on_one_directory_share_it_and_follow_a_rotation(tmp_path):
+    """Two processors on one cache spill to one directory: in one process they share its
+    environment (opening it twice was taken for damage and set the first one's blocks aside);
+    when one sets it aside as damaged and starts afresh, the other follows the new one."""
+    from cache.kvstore import KVSpillStore
+
+    block = torch.arange(64, dtype=torch.float32).view(4, 16)
+    a, b = KVSpillStore(tmp_path / "kv-spill"), KVSpillStore(tmp_path / "kv-spill")
+    assert a.put(b"h1" * 16, block) and torch.equal(b.get(b"h1" * 16, shape=(4, 16), dtype=torch.float32), block)
+    assert not (tmp_path / "kv-spill.damaged").exists()
+    a._damaged(RuntimeError("pages that are not LMDB's"))  # as another process does when it finds it damaged
+    assert (tmp_path / "kv-spill.damaged").exists()
+    assert b.get(b"h1" * 16, shape=(4, 16), dtype=torch.float32) is None  # the new store: the old block is gone
+    assert b.put(b"h2" * 16, block) and torch.equal(a.get(b"h2" * 16, shape=(4, 16), dtype=torch.float32), block)
+    a.close()
+    b.close()

@@ -397,9 +397,16 @@ def quantize_model(
             its original (nothing of that group is written).
         UnsupportedArchitectureError: the model type is not in the registry.
     """
+    vid = variant_id(source.fingerprint(), plan.fingerprint())
+    with store.variant_lock(vid):  # another writer of this variant finishes first; then it is found complete
+        return _quantize_model(source, plan, store, vid, compress_level=compress_level, validate_memory=validate_memory,
+                               progress=progress, memory_budget=memory_budget)
+
+
+def _quantize_model(source, plan, store: LayerStore, vid: str, *, compress_level: int, validate_memory: bool, progress: bool,
+                    memory_budget: int | None) -> QuantizationReport:
     arch = get_arch(source.config.model_type)
     model_fp, quant_fp = source.fingerprint(), plan.fingerprint()
-    vid = variant_id(model_fp, quant_fp)
     existing = store.get_manifest(vid)
     if existing is not None:
         logger.info("variant %s is already complete in %s", vid, store.path)
