@@ -47,7 +47,8 @@ from sli.openai_api import (
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-# A request body larger than this is refused (413) before it is read whole: a prompt that fills
+# A request body larger than this is refused (413); past the limit it is read and dropped, never
+# held (a client still sending would otherwise see a reset, not the answer). A prompt that fills
 # a 128 K-token context is about 1 MB of text, or of token ids in JSON.
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
@@ -118,13 +119,16 @@ def create_app(state: ServerState):
         too_large = APIError(413, f"the request body is larger than the server's limit of {limit} bytes; send a shorter "
                                   "prompt (or start the server with a larger --max-body-bytes)", code="request_too_large")
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_large  # refused before a byte of it is read
+        over = declared is not None and declared.isdigit() and int(declared) > limit
         raw = bytearray()
         async for chunk in request.stream():  # a chunked body has no length: counted as it comes
+            if over:
+                continue  # read and dropped, never held: a client still sending gets its 413, not a reset
             raw += chunk
             if len(raw) > limit:
-                raise too_large
+                over, raw = True, bytearray()
+        if over:
+            raise too_large
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
