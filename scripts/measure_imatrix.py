@@ -7,8 +7,9 @@ Bits per weight are all-in: the cache's stored bytes over every parameter.
     python scripts/measure_imatrix.py SmolLM2-135M-Instruct --out /tmp/imatrix.jsonl \\
         --runs rtn-g64,rtn+imp-g64,gptq-g64,gptq+imp-g64
 
-A run is ``METHOD[+imp]-gGROUP[-int3][-sym][-keepvocab]`` with METHOD one of none, rtn, gptq,
-awq+gptq (``rtn`` without ``+imp`` is plain round to nearest, no calibration). One JSON line
+A run is ``METHOD[+imp]-gGROUP[-int3][-sym][-keepvocab|-vocab4]`` with METHOD one of none, rtn, gptq,
+awq+gptq (``rtn`` without ``+imp`` is plain round to nearest, no calibration); the embeddings and
+head are int8 rows unless ``keepvocab`` (kept) or ``vocab4`` (int4 rows in the same groups). One JSON line
 per run is appended to ``--out`` as it finishes.
 """
 
@@ -29,13 +30,13 @@ def plan(run: str, cal):
 
     parts = run.split("-")
     method, imp = parts[0].removesuffix("+imp"), parts[0].endswith("+imp")
-    group = int(next(p for p in parts if p.startswith("g"))[1:])
+    group = int(next(p for p in parts[1:] if p.startswith("g"))[1:])
     bits = 3 if "int3" in parts else 4
     calib = None
     if imp or method != "rtn":
         calib = dataclasses.replace(cal, method=method, importance=imp)
     return QuantizationConfig(mode=f"int{bits}", group_size=group, symmetric="sym" in parts, calibration=calib,
-                              vocab_mode="none" if "keepvocab" in parts else None)
+                              vocab_mode="none" if "keepvocab" in parts else "int4" if "vocab4" in parts else None)
 
 
 def main() -> None:
