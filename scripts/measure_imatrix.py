@@ -39,16 +39,31 @@ def plan(run: str, cal):
                               vocab_mode="none" if "keepvocab" in parts else "int4" if "vocab4" in parts else None)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The runs as a markdown table (bits per weight all-in, held-out loss)."""
+    lines = ["| configuration | calibration samples x 512 | bits per weight, all-in | perplexity | loss | quantize s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cal = "-" if r["run"].startswith("rtn-") else str(r["samples"])
+        lines.append(f"| {r['run']} | {cal} | {r['bits_per_weight_all']:.3f} | {r['perplexity']:.3f} | "
+                     f"{r['loss_pct']:+.2f}% | {r['quantize_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--runs", required=True)
+    ap.add_argument("--runs", default="", help="comma-separated runs (see the module docstring)")
+    ap.add_argument("--markdown", action="store_true", help="print --out's runs as a markdown table and stop")
     ap.add_argument("--out", required=True)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if a.markdown:
+        print(markdown([json.loads(line) for line in Path(a.out).read_text().splitlines() if line.strip()]), end="")
+        return
 
     import torch
 
@@ -63,7 +78,7 @@ def main() -> None:
     ev = {"tokens": a.eval_tokens, "max_length": 512, "stride": 256}
     cal = CalibrationConfig(samples=a.samples, seqlen=a.seqlen)
     ref = _perplexity(path, {}, ev)
-    for run in a.runs.split(","):
+    for run in [r for r in a.runs.split(",") if r]:
         work = Path(tempfile.mkdtemp(prefix="sli-imatrix-"))
         try:
             t0 = time.perf_counter()
