@@ -73,7 +73,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget", default=None,
                    help="calibration: activations that do not fit spill to the cache directory (e.g. 2GiB, or auto)")
     p.add_argument("--validate-memory", action="store_true", help="fail unless every quantized tensor shrank; report the reduction")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON (bits_per_weight: the stored bytes over every parameter, embeddings, head and norms included)")
 
 
 def _calibration_from_args(a: argparse.Namespace) -> CalibrationConfig | None:
