@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cache.grid import PLANE_PARTS, PLANES, columns_multiple, group_grid, inverse_permutation, pack_codes, quantize_codes, unpack_codes
+from cache.wgrid import group_importance, weighted_group_grid
 from cache.record import EncodedTensor, dtype_from_name, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -434,8 +435,12 @@ class GroupIntCodec(Codec):
         symmetric: bool = False,
         perm: torch.Tensor | None = None,
         permute: str | None = None,
+        importance: torch.Tensor | None = None,
         **_: Any,
     ) -> EncodedTensor:
+        """``importance``: mean square of each input channel ``[cols]`` (calibration
+        statistics): each group's grid is then chosen by the importance-weighted error
+        (:mod:`cache.wgrid`); the record is the same format either way."""
         self._check_2d(w)
         self._check_group(group_size)
         perm = self._perm(w, perm, permute)
@@ -448,15 +453,23 @@ class GroupIntCodec(Codec):
             w32 = torch.cat([w32, w32[:, :1].expand(rows, pad)], dim=1)
         g = w32.reshape(rows, ngroups, group_size)  # [rows, groups, group_size]
         # the stored (rounded) statistics are what the encoder uses, exactly as the decoder will
-        scale, offset = group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        scale, offset = self._grid(g, cols, group_size, symmetric, scale_dtype, importance, perm)
         q = quantize_codes(g, scale[..., None], offset[..., None], self.bits).to(torch.uint8).reshape(rows, -1)
         return self._encoded(q, scale, offset, w, group_size, symmetric, perm)
 
+    def _grid(self, g, cols, group_size, symmetric, scale_dtype, importance, perm):
+        if importance is None:
+            return group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        a = group_importance(importance, cols, group_size, perm=perm)
+        return weighted_group_grid(g, a, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+
     def fake_quantize(self, w: torch.Tensor, *, group_size: int = 128, scale_dtype=torch.float16, symmetric: bool = False,
-                      perm: torch.Tensor | None = None, permute: str | None = None, **_: Any) -> torch.Tensor:
+                      perm: torch.Tensor | None = None, permute: str | None = None, importance: torch.Tensor | None = None,
+                      **_: Any) -> torch.Tensor:
         """:meth:`encode` then :meth:`decode` to float32, without packing the codes (the same numbers)."""
         if perm is not None or permute not in (None, "none"):
-            return super().fake_quantize(w, group_size=group_size, symmetric=symmetric, perm=perm, permute=permute)
+            return super().fake_quantize(w, group_size=group_size, symmetric=symmetric, perm=perm, permute=permute,
+                                         importance=importance)
         self._check_2d(w)
         self._check_group(group_size)
         rows, cols = w.shape
@@ -466,7 +479,7 @@ class GroupIntCodec(Codec):
         if pad:
             w32 = torch.cat([w32, w32[:, :1].expand(rows, pad)], dim=1)
         g = w32.reshape(rows, ngroups, group_size)
-        scale, offset = group_grid(g, self.bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        scale, offset = self._grid(g, cols, group_size, symmetric, scale_dtype, importance, None)
         sf, of = scale.float()[..., None], offset.float()[..., None]
         return torch.addcmul(of, quantize_codes(g, scale[..., None], offset[..., None], self.bits), sf).reshape(rows, -1)[:, :cols]
 
@@ -515,6 +528,7 @@ class GroupIntCodec(Codec):
         perm: torch.Tensor | None = None,
         permute: str | None = None,
         chunk_elems: int = 1 << 20,
+        importance: torch.Tensor | None = None,
         **_: Any,
     ) -> tuple[EncodedTensor, dict[str, float]]:
         """:meth:`encode` and the error of the float32 dequantized weights, in one pass over
@@ -524,8 +538,8 @@ class GroupIntCodec(Codec):
         take :meth:`encode`'s path."""
         self._check_2d(w)
         rows, cols = w.shape
-        kw = dict(group_size=group_size, scale_dtype=scale_dtype, symmetric=symmetric, perm=perm, permute=permute)
-        if (group_size <= 0 or group_size % self.multiple or cols % group_size or not w.is_floating_point()
+        kw = dict(group_size=group_size, scale_dtype=scale_dtype, symmetric=symmetric, perm=perm, permute=permute, importance=importance)
+        if (importance is not None or group_size <= 0 or group_size % self.multiple or cols % group_size or not w.is_floating_point()
                 or not self.single_plane or perm is not None or permute not in (None, "none")):
             return super().encode_measured(w, **kw)
         ngroups, width = cols // group_size, cols // self.per_byte

@@ -33,7 +33,9 @@ from sli.bench_quality_report import label, markdown, plot
 logger = logging.getLogger(__name__)
 
 GRID = ("int4-g32", "int4-g32-sym", "int4-g64", "int4-g64-sym", "int4-g128", "int4-g128-sym", "int3-g64")
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "rtn:weight", "gptq:activation")  # ":order": channel permutation
+# ":order": channel permutation; calibrated methods choose each group's grid by importance (cache.wgrid), "-plain" ones
+# by min/max; "rtn+imp": round to nearest on importance-weighted grids (calibration statistics, no GPTQ)
+METHODS = ("rtn", "rtn+imp", "gptq-plain", "gptq", "awq", "awq+gptq", "rtn:weight", "gptq:activation")
 PEERS = ("llmcompressor-gptq", "llmcompressor-awq", "bnb-nf4")
 RESULT_MARK = "SLI-QUALITY-RESULT "
 
@@ -85,7 +87,8 @@ def specs(cfg: QualityBenchConfig) -> list[dict[str, Any]]:
         bits, group, sym = parse_point(point)
         ok, why = _widths_allow(cfg.model, group)
         for m in cfg.methods:
-            out.append({"system": "sli", "method": m, "bits": bits, "group": group, "sym": sym, "model": cfg.model, "skip": why})
+            out.append({"system": "sli", "method": m, "bits": bits, "group": group, "sym": sym, "model": cfg.model, "skip": why,
+                        "grids": "importance"})  # in the key: points measured before importance-weighted grids are not reused
         for peer in cfg.peers:
             if peer.startswith("llmcompressor-"):
                 out.append({"system": "llm-compressor", "method": peer.split("-", 1)[1], "bits": bits, "group": group, "sym": sym,
@@ -158,7 +161,13 @@ def _plan(spec: dict[str, Any], cal):
     if spec["system"] == "bitsandbytes":
         return QuantizationConfig(mode="nf4")
     m, _, order = spec["method"].partition(":")  # "gptq:activation": channels permuted by activation scale
-    calib = None if m == "rtn" else dataclasses.replace(cal, method=m)
+    m, plain = m.removesuffix("-plain"), m.endswith("-plain")
+    if m == "rtn":
+        calib = None
+    elif m == "rtn+imp":
+        calib = dataclasses.replace(cal, method="rtn")
+    else:
+        calib = dataclasses.replace(cal, method=m, importance=not plain)
     return QuantizationConfig(mode=f"int{spec['bits']}", group_size=spec["group"], symmetric=spec["sym"], calibration=calib,
                               permute=order or "none")
 

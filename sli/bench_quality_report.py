@@ -16,7 +16,8 @@ def label(row: dict[str, Any]) -> str:
         return "bitsandbytes NF4"
     grid = f"int{row['bits']} g{row['group']}{' sym' if row['sym'] else ''}"
     m, _, order = row["method"].partition(":")
-    name = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}.get(m, m)
+    name = {"rtn": "RTN", "rtn+imp": "RTN+importance", "gptq-plain": "GPTQ (min/max grids)", "gptq": "GPTQ", "awq": "AWQ",
+            "awq+gptq": "AWQ+GPTQ"}.get(m, m)
     return f"{row['system']} {name} {grid}" + (f" permuted by {order}" if order else "")
 
 

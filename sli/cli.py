@@ -50,11 +50,16 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--permute", choices=[o.value for o in ChannelOrder], default=None,
                    help="int4/int3/int2: order input channels before grouping, by weight L2 norm or calibration activation scale")
     p.add_argument("--calibrate", choices=[m.value for m in CalibrationMethod], default=None,
-                   help="calibrated quantization: GPTQ, AWQ scales folded into the model, or both (layer by layer)")
+                   help="calibrated quantization: GPTQ, AWQ scales folded into the model, both (layer by layer), or rtn "
+                        "(round to nearest on grids weighted by each input channel's importance); all of them choose "
+                        "each group's grid by that importance")
     p.add_argument("--calibration-text", default=None,
                    help="calibration text: plain text, or JSONL with a 'text' field (default: stdlib docstrings shipped with sli)")
     p.add_argument("--calibration-samples", type=int, default=_CAL["samples"], help="calibration sequences")
     p.add_argument("--calibration-seqlen", type=int, default=_CAL["seqlen"], help="tokens per calibration sequence")
+    p.add_argument("--calibration-holdout", type=int, default=_CAL["holdout_tokens"],
+                   help="tokens at the end of the calibration text that no sample sees, on which --target-loss is measured "
+                        "(0: 4096)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: columns by decreasing activation energy, groups kept static (default: on)")
     p.add_argument("--target-loss", type=float, default=None,
@@ -63,25 +68,35 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=_DEFAULTS.llm_int8_threshold, help="int8 outlier threshold")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: no double quantization")
     p.add_argument("--target-bits", type=float, default=None,
-                   help="mixed precision chosen by measured salience, to this average bits per weight (e.g. 4.5)")
+                   help="mixed precision chosen by measured salience, to this many bits per weight counted over every "
+                        "parameter (embeddings, head, norms) from the cache's stored bytes, as a GGUF file's size is (e.g. 4.5)")
     p.add_argument("--compress-level", type=int, default=3, help="zstd level, 0 disables")
     p.add_argument("--memory-budget", default=None,
                    help="calibration: activations that do not fit spill to the cache directory (e.g. 2GiB, or auto)")
     p.add_argument("--validate-memory", action="store_true", help="fail unless every quantized tensor shrank; report the reduction")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON (bits_per_weight: the stored bytes over every parameter, embeddings, head and norms included)")
 
 
 def _calibration_from_args(a: argparse.Namespace) -> CalibrationConfig | None:
+    """The calibration the options ask for. ``--target-loss`` and ``--target-bits`` calibrate
+    too: given a text, samples or seqlen without ``--calibrate``, they measure on those with
+    GPTQ's statistics (a loss target also holds out the end of that text to measure on)."""
     method = getattr(a, "calibrate", None)
     if method is None:
-        for flag, given in (("--calibration-text", a.calibration_text is not None), ("--act-order", a.act_order is not None),
-                            ("--calibration-samples", a.calibration_samples != _CAL["samples"]),
-                            ("--calibration-seqlen", a.calibration_seqlen != _CAL["seqlen"])):
-            if given:
-                raise ValueError(f"{flag} applies to calibrated quantization: add --calibrate gptq (or awq, awq+gptq)")
-        return None
+        given = [flag for flag, on in (("--calibration-text", a.calibration_text is not None), ("--act-order", a.act_order is not None),
+                                       ("--calibration-samples", a.calibration_samples != _CAL["samples"]),
+                                       ("--calibration-seqlen", a.calibration_seqlen != _CAL["seqlen"]),
+                                       ("--calibration-holdout", a.calibration_holdout != _CAL["holdout_tokens"])) if on]
+        if not given:
+            return None
+        if getattr(a, "target_loss", None) is None and getattr(a, "target_bits", None) is None:
+            raise ValueError(f"{given[0]} applies to calibrated quantization: add --calibrate gptq (or awq, awq+gptq, rtn), "
+                             "or plan with --target-loss / --target-bits, which calibrate on it")
+        method = CalibrationMethod.GPTQ.value
     return CalibrationConfig(method=method, text=a.calibration_text, samples=a.calibration_samples,
-                             seqlen=a.calibration_seqlen, act_order=_CAL["act_order"] if a.act_order is None else a.act_order)
+                             seqlen=a.calibration_seqlen, holdout_tokens=a.calibration_holdout,
+                             act_order=_CAL["act_order"] if a.act_order is None else a.act_order)
 
 
 def _plan_given(a: argparse.Namespace) -> bool:
@@ -429,7 +444,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             print(f"variant {vid}  model={m.source['path']} ({m.model_type}, {m.source['format']})  mode={mode}")
             print(
                 f"  {params / 1e6:.1f}M params  original {m.original_bytes / 1e6:.1f} MB  cache {m.stored_bytes / 1e6:.1f} MB  "
-                f"reduction {m.original_bytes / max(m.stored_bytes, 1):.2f}x  {8 * m.stored_bytes / max(params, 1):.2f} bits/weight  "
+                f"reduction {m.original_bytes / max(m.stored_bytes, 1):.2f}x  {8 * m.stored_bytes / max(params, 1):.2f} bits/weight (all parameters, stored bytes)  "
                 f"zstd {m.raw_bytes / max(m.stored_bytes, 1):.3f}x  built in {m.seconds:.1f}s by sli {m.library_version}"
             )
             for line in _calibration_lines(m):
@@ -479,7 +494,8 @@ def _calibration_lines(m) -> list[str]:
 
 
 _PLAN_ARGS = ("mode", "mixed", "skip", "compute_dtype", "group_size", "threshold", "no_double_quant", "target_bits",
-              "symmetric", "permute", "vocab_mode", "calibrate", "calibration_text", "calibration_samples", "calibration_seqlen", "act_order",
+              "symmetric", "permute", "vocab_mode", "calibrate", "calibration_text", "calibration_samples", "calibration_seqlen",
+              "calibration_holdout", "act_order",
               "target_loss")
 
 

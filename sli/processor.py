@@ -169,11 +169,11 @@ class UniversalSLIProcessor:
     def for_target(cls, model_name, *, target_bits: float | None = None, target_loss: float | None = None, calibration=None,
                    cache_dir=None, memory_budget=None, progress: bool = True, **kwargs):
         """A processor whose plan is chosen by measurement (:mod:`sli.offline.salience`):
-        ``target_bits`` (average bits per linear weight) or ``target_loss`` (percent perplexity
+        ``target_bits`` (bits per weight over every parameter, stored bytes) or ``target_loss`` (percent perplexity
         loss on a held-out slice of the calibration text, met with the fewest bits: every
         tensor, the embeddings and head included, gets calibrated int3/int4 groups, int8 or
         is kept). ``calibration`` (a :class:`~sli.offline.calibration.CalibrationConfig`):
-        the text and samples of a loss target (default: the shipped text, GPTQ).
+        the text and samples either target measures on (default: the shipped text, GPTQ).
         ``p.salience`` holds the plan's figures."""
         from sli.offline.config import QuantizationConfig
         from sli.offline.salience import plan_by_salience
@@ -184,12 +184,11 @@ class UniversalSLIProcessor:
             return cls._for_loss(model_name, target_loss, calibration, cache_dir=cache_dir, memory_budget=memory_budget,
                                  progress=progress, **kwargs)
         else:
-            if calibration is not None:
-                raise ValueError("calibration= applies to a loss target (target_loss=); a bits target calibrates on the shipped text")
             ref = cls(model_name, quantization_config=QuantizationConfig(mode="none"), cache_dir=cache_dir,
                       memory_budget=memory_budget, progress=progress)
             try:
-                sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, progress=progress)
+                sp = plan_by_salience(ref.source, ref.load(), ref.tokenizer, target_bits=target_bits, calibration=calibration,
+                                      progress=progress)
             finally:
                 ref.close()
         p = cls(model_name, adaptive_quantizer=sp.plan, cache_dir=cache_dir, memory_budget=memory_budget, progress=progress, **kwargs)

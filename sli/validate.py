@@ -54,7 +54,7 @@ class ValidationReport:
     retention_exact_match: float
     retention_token_agreement: float
     retention_prompts: int
-    bits_per_weight: float
+    bits_per_weight: float  # stored bytes over every parameter (embeddings, head, norms): as a GGUF file counts
     cache_bytes: int
     original_bytes: int
     reduction_factor: float

@@ -11,7 +11,7 @@ import torch
 
 from cache.store import LayerStore
 from runtime.executor import StreamingModel
-from sli.offline.calibration import CalibrationConfig, read_text
+from sli.offline.calibration import CalibrationConfig, CalibrationMethod, read_text
 from sli.offline.config import QuantizationConfig
 from sli.offline.sources import open_source
 from sli.offline.writer import quantize_model
@@ -41,6 +41,7 @@ def _records(store, vid):
 @pytest.mark.parametrize("model_type,method,mode,gs,permute", [
     ("llama", "gptq", "int4", 16, "none"), ("qwen2", "awq", "int4", 32, "none"), ("gemma", "awq+gptq", "int3", 16, "none"),
     ("mistral", "gptq", "int8_dynamic", 64, "none"), ("llama", "gptq", "int4", 16, "activation"), ("qwen2", "awq", "int4", 16, "weight"),
+    ("llama", "rtn", "int4", 16, "none"),
 ])
 def test_calibrated_cache_streams_like_transformers_on_its_dequantized_weights(tmp_path, tiny_root, calib_text, model_type, method, mode, gs,
                                                                               permute):
@@ -52,7 +53,7 @@ def test_calibrated_cache_streams_like_transformers_on_its_dequantized_weights(t
         m = st.require_manifest(report.variant_id)
         layers = [g for g in m.groups if g.name.startswith("layer.")]
         assert all("next_inputs" in g.extra["calibration"] for g in layers)
-        if method != "awq":  # GPTQ's own measure: lower output error than round to nearest on the same grid
+        if CalibrationMethod(method).gptq:  # GPTQ's own measure: lower output error than round to nearest on the same grid
             errs = [e for g in layers for e in g.extra["calibration"]["gptq"].values()]
             assert sum(e[0] for e in errs) < sum(e[1] for e in errs)
         if method.startswith("awq"):
@@ -121,6 +122,8 @@ def test_calibration_is_part_of_the_variant(tmp_path, tiny_root, calib_text):
         "awq": QuantizationConfig(mode="int4", group_size=16, calibration=_cal(calib_text, "awq")).fingerprint(),
         "samples": QuantizationConfig(mode="int4", group_size=16, calibration=_cal(calib_text, samples=9)).fingerprint(),
         "seqlen": QuantizationConfig(mode="int4", group_size=16, calibration=_cal(calib_text, seqlen=16)).fingerprint(),
+        "plain grids": QuantizationConfig(mode="int4", group_size=16, calibration=_cal(calib_text, importance=False)).fingerprint(),
+        "rtn+importance": QuantizationConfig(mode="int4", group_size=16, calibration=_cal(calib_text, "rtn")).fingerprint(),
     }
     other = tmp_path / "other.txt"
     other.write_text(calib_text.read_text() + " word1")

@@ -9,18 +9,22 @@ from cache.grid import group_grid, quantize_codes
 from sli.offline.gptq import GPTQError, gptq_quantize, output_error
 
 
-def reference_gptq(w, h, *, bits, group_size, damp=0.01, symmetric=False):
+def reference_gptq(w, h, *, bits, group_size, damp=0.01, symmetric=False, grid=None):
     """GPTQ as the paper states it, one column at a time, no blocks, no tricks: round column
-    j on its group's grid (fitted on the weights as updated so far when the group starts),
-    then spread its error over the columns right of it with row j of the upper Cholesky factor
-    of the dampened inverse Hessian."""
+    j on its group's grid (fitted on the weights as updated so far when the group starts;
+    ``grid(weights, bits, symmetric, columns)`` fits it, the min/max grid by default), then
+    spread its error over the columns right of it with row j of the upper Cholesky factor of
+    the dampened inverse Hessian."""
     w = w.clone().double()
     h = h.double() + damp * torch.diag(h.double()).mean() * torch.eye(h.shape[0], dtype=torch.float64)
     u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     out = torch.empty_like(w)
     for j in range(w.shape[1]):
         if j % group_size == 0:
-            scale, offset = group_grid(w[:, j : j + group_size].float(), bits, symmetric=symmetric)
+            if grid is None:
+                scale, offset = group_grid(w[:, j : j + group_size].float(), bits, symmetric=symmetric)
+            else:
+                scale, offset = grid(w[:, j : j + group_size], bits, symmetric, torch.arange(j, min(j + group_size, w.shape[1])))
             s, o = scale.double(), offset.double()
         out[:, j] = quantize_codes(w[:, j], s, o, bits) * s + o
         err = (w[:, j] - out[:, j]) / u[j, j]

@@ -103,16 +103,20 @@ def test_salience_plan_meets_its_target_and_quantizes(tmp_path, tiny_root):
 
     path = make_tiny_model(tiny_root, "llama", layers=2, seed=6)
     ref = UniversalSLIProcessor(path, quantization_config=QuantizationConfig(mode="none"), cache_dir=tmp_path, progress=False)
-    for target in (4.6, 6.0):
+    for target in (6.0, 7.0):  # bits per weight over every parameter: the embeddings (int8 rows) and norms count
         sp = plan_by_salience(open_source(path), ref.load(), ref.tokenizer, target_bits=target, progress=False)
-        assert sp.achieved_bits <= target and sp.achieved_bits > target - 1.5
+        assert sp.achieved_bits <= target and sp.achieved_bits > target - 1.5 and sp.bits_all == sp.achieved_bits
         assert len(sp.choices) == 2 * 7 and set(sp.plan.overrides) == set(sp.choices)
     assert len(sp.counts()) >= 1
-    with pytest.raises(ValueError, match="below the .* the cheapest candidate needs"):
+    with pytest.raises(ValueError, match=r"target of 1.0 bits per weight \(all \d+ parameters\) is below the .* raise --target-bits to at least"):
         plan_by_salience(open_source(path), ref.load(), ref.tokenizer, target_bits=1.0, progress=False)
     ref.close()  # a process reads or writes a cache, not both at once
     p = UniversalSLIProcessor(path, adaptive_quantizer=sp.plan, cache_dir=tmp_path, progress=False)
     r = p.quantize()
+    # counted one way: the built cache's bits per weight (stored bytes over every parameter) is within the target
+    assert r.bits_per_weight <= sp.achieved_bits + 1e-9 <= sp.target_bits + 1e-9
+    assert r.bits_per_weight > sp.achieved_bits - 0.5  # zstd only trims what the plan counted
+    assert r.tensor_errors["model.embed_tokens.weight"]["codec"] == "int8_channel"
     codecs = {e["codec"] for n, e in r.tensor_errors.items() if n in sp.choices}
     assert codecs <= {"int2_group", "nf4", "int4_group", "int8_channel"} and len(codecs) >= 1
     again = UniversalSLIProcessor(path, adaptive_quantizer=type(sp.plan).from_dict(sp.plan.to_dict()), cache_dir=tmp_path, progress=False)

@@ -194,7 +194,7 @@ class CalibratedBuilder:
         todo = [[n for n in g if self._choice(f"{prefix}.{n}.weight", layer.get_submodule(n).weight).codec is not CodecName.RAW]
                 for g in self.walker.linear_groups(i, x)]
         todo = [g for g in todo if g]
-        need_stats = self.calib.method.gptq or any(self._order(f"{prefix}.{n}.weight") is ChannelOrder.ACTIVATION for g in todo for n in g)
+        need_stats = self.calib.method.gptq or self.calib.importance or any(self._order(f"{prefix}.{n}.weight") is ChannelOrder.ACTIVATION for g in todo for n in g)
         passes = [[g] for g in todo] if self.calib.true_sequential else [todo]
         for groups in passes:
             stats = self.walker.collect(i, x, groups, hessian=self.calib.method.gptq) if need_stats and groups else {}
@@ -297,13 +297,15 @@ class CalibratedBuilder:
                                 f"{[c.value for c in GPTQ_CODECS]}); use --calibrate awq for this mode, or another mode")
             res = gptq_quantize(w, stats.hessian, codec=choice.codec, group_size=params.get("group_size"),
                                 symmetric=bool(params.get("symmetric")), act_order=self.calib.act_order, damp=self.calib.damp,
-                                block_size=self.calib.block_size, perm=perm)
+                                block_size=self.calib.block_size, perm=perm, weighted_grid=self.calib.importance)
             enc = res.encoded
             enc.dtype = str(like.dtype).removeprefix("torch.")
             return enc, res.weight, [res.output_error, res.rtn_output_error]
         codec = get_codec(choice.codec)
         if perm is not None and choice.codec not in GROUP_CODECS:
             raise ValueError(f"{name}: channel permutation applies to the group codecs, not {choice.codec.value}")
+        if self.calib.importance and choice.codec in GROUP_CODECS and stats is not None:
+            params["importance"] = stats.sq_mean  # importance-weighted grids (cache.wgrid)
         enc = codec.encode(w, **params, **({"perm": perm} if perm is not None else {}))
         enc.dtype = str(like.dtype).removeprefix("torch.")
         return enc, codec.decode(enc, torch.float32), None

@@ -35,6 +35,7 @@ class CalibrationMethod(str, Enum):
     GPTQ = "gptq"  # GPTQ: each weight rounded column by column, the error pushed onto the columns left
     AWQ = "awq"  # activation-aware per-channel scales, folded into the preceding norm or linear; then round to nearest
     AWQ_GPTQ = "awq+gptq"  # the scales first, then GPTQ on the scaled weights
+    RTN = "rtn"  # round to nearest on importance-weighted grids: statistics only, no weight update
 
     @property
     def gptq(self) -> bool:
@@ -109,6 +110,9 @@ class CalibrationConfig:
         awq_grid: points of AWQ's grid over the exponent of the activation scale.
         awq_samples: samples AWQ's search scores each grid point on (the first ones; its
             20-point search per scale point costs about 25 layer passes over them).
+        importance: each group's scale and offset chosen by the error weighted with the mean
+            square of its input channels (:mod:`cache.wgrid`, llama.cpp's importance matrix),
+            by round to nearest and by GPTQ's groups; False: the plain min/max grid.
         awq_duo: AWQ's "duo scaling" (activations and weights set the scales; AutoAWQ's and
             llm-compressor's default); False: activations only.
         text_sha256: the text's hash (computed from ``text`` when not given).
@@ -126,6 +130,7 @@ class CalibrationConfig:
     awq_grid: int = 20
     awq_samples: int = 8
     awq_duo: bool = True
+    importance: bool = True
     text_sha256: str | None = None
 
     def __post_init__(self) -> None:
@@ -170,7 +175,8 @@ class CalibrationConfig:
 
     def describe(self) -> str:
         return (f"{self.method.value} on {self.text_name} (sha256 {self.text_sha256[:12]}), "
-                f"{self.samples} x {self.seqlen} tokens" + (", act-order" if self.act_order else ""))
+                f"{self.samples} x {self.seqlen} tokens" + (", act-order" if self.act_order else "")
+                + (", importance-weighted grids" if self.importance else ""))
 
 
 @dataclass(frozen=True)

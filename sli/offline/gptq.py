@@ -16,6 +16,9 @@ round-to-nearest one.
   updated so far (blocks are aligned to groups for this). With ``act_order`` the columns are
   processed by decreasing Hessian diagonal, and the groups' grids are fitted on the original
   weights first (static groups), since a group's columns then come up scattered.
+- ``weighted_grid``: each group's grid is chosen by the error weighted with its input
+  channels' mean squares (the Hessian's diagonal; :mod:`cache.wgrid`) instead of the plain
+  min/max grid.
 
 The plain reference this is checked against lives in ``tests/test_gptq.py``.
 """
@@ -30,6 +33,7 @@ import torch
 
 from cache.codecs import CodecName, get_codec
 from cache.grid import group_grid, inverse_permutation, quantize_codes
+from cache.wgrid import weighted_group_grid
 from cache.record import EncodedTensor
 
 GPTQ_CODECS = (CodecName.INT4_GROUP, CodecName.INT3_GROUP, CodecName.INT2_GROUP, CodecName.INT8_CHANNEL)
@@ -58,7 +62,7 @@ class GPTQResult:
     encoded: EncodedTensor
     weight: torch.Tensor  # the dequantized weight [rows, cols], float32, original column order
     output_error: float  # tr(dW H dW^T) / tr(W H W^T): relative output error on the calibration inputs
-    rtn_output_error: float  # the same for round-to-nearest on the same grid
+    rtn_output_error: float  # the same for round-to-nearest on the same grid (weighted too when the grids are)
 
 
 def output_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
@@ -83,6 +87,17 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(hinv, upper=True)
 
 
+def _fit_grid(wg: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of one group ``wg`` ``[rows, group_size]``: plain, or weighted by ``d`` ``[group_size]``."""
+    if d is None:
+        return group_grid(wg.float(), bits, symmetric=symmetric)
+    a = d.float().clamp_min(0)
+    if float(a.sum()) <= 0:
+        a = torch.ones_like(a)
+    s, o = weighted_group_grid(wg.float()[:, None, :], a[None, None, :], bits, symmetric=symmetric)
+    return s[:, 0], o[:, 0]
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -94,6 +109,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     perm: torch.Tensor | None = None,
+    weighted_grid: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> GPTQResult:
     """Quantize ``w`` ``[rows, cols]`` with GPTQ on the grid of ``codec``.
@@ -102,6 +118,7 @@ def gptq_quantize(
         h: the second moment of the layer's inputs, ``mean(x x^T)`` ``[cols, cols]``.
         codec: ``int4_group``, ``int3_group``, ``int2_group`` (with ``group_size``) or ``int8_channel``.
         perm: store the columns in this order (channel permutation; see :mod:`cache.codecs`).
+        weighted_grid: groups' grids chosen by the error weighted with ``diag(h)`` (:mod:`cache.wgrid`).
         dtype: the arithmetic (float32; the tests use float64).
 
     Raises:
@@ -137,9 +154,12 @@ def gptq_quantize(
         ngroups = -(-cols // gs)
         scale = torch.empty(rows, ngroups, dtype=torch.float16)
         offset = torch.empty(rows, ngroups, dtype=torch.float16)
+        d0 = torch.diag(H0) if weighted_grid else None  # stored column order
+        dp = torch.diag(Hp) if weighted_grid else None  # processing order
         if order is not None:  # static groups: every grid from the original weights
             for g in range(ngroups):
-                scale[:, g], offset[:, g] = group_grid(W0[:, g * gs : (g + 1) * gs].float(), bits, symmetric=symmetric)
+                cs = slice(g * gs, (g + 1) * gs)
+                scale[:, g], offset[:, g] = _fit_grid(W0[:, cs], None if d0 is None else d0[cs], bits, symmetric)
         block = max(gs, block_size // gs * gs)  # blocks hold whole groups
         levels = (1 << bits) - 1
     else:  # int8 per output channel: one symmetric grid per row, from the original row
@@ -167,7 +187,7 @@ def gptq_quantize(
                 if grouped:
                     g = orig // gs
                     if order is None and orig % gs == 0:  # fit the group's grid on the weights as updated so far
-                        scale[:, g], offset[:, g] = group_grid(W1[i : i + gs].T.float(), bits, symmetric=symmetric)
+                        scale[:, g], offset[:, g] = _fit_grid(W1[i : i + gs].T, None if dp is None else dp[col : col + gs], bits, symmetric)
                         g_cur = -1
                     if g != g_cur:
                         sf, of, g_cur = scale[:, g].to(dtype), offset[:, g].to(dtype), g
@@ -187,7 +207,7 @@ def gptq_quantize(
     weight = Q if order is None else Q[:, torch.argsort(order)]  # stored (perm) order
     if grouped:
         enc = get_codec(codec).encode_codes(codes, scale, offset, w, group_size=gs, symmetric=symmetric, perm=perm)
-        rtn = get_codec(codec).decode(get_codec(codec).encode(W0.float(), group_size=gs, symmetric=symmetric), torch.float32)
+        rtn = get_codec(codec).decode(get_codec(codec).encode(W0.float(), group_size=gs, symmetric=symmetric, importance=d0), torch.float32)
     else:
         enc = EncodedTensor(codec.value, (rows, cols), str(w.dtype).removeprefix("torch."),
                             {"q": codes.to(torch.int8).contiguous(), "scale": s8.float().contiguous()})

@@ -51,11 +51,13 @@ def to_meta(module: nn.Module) -> None:
 
 @dataclass
 class LinearStats:
-    """What the hooks gather for one linear: ``mean(x x^T)`` (GPTQ) and ``mean(|x|)`` per
-    input channel (AWQ's activation scale)."""
+    """What the hooks gather for one linear: ``mean(x x^T)`` (GPTQ), ``mean(|x|)`` per
+    input channel (AWQ's activation scale) and ``mean(x^2)`` per input channel (the
+    importance of :mod:`cache.wgrid`'s grids; the Hessian's diagonal)."""
 
     hessian: torch.Tensor | None = None
     abs_mean: torch.Tensor | None = None
+    sq_mean: torch.Tensor | None = None
     tokens: int = 0
 
     def add(self, x: torch.Tensor, *, hessian: bool) -> None:
@@ -63,9 +65,11 @@ class LinearStats:
         n = x.shape[0]
         if self.abs_mean is None:
             self.abs_mean = torch.zeros(x.shape[1])
+            self.sq_mean = torch.zeros(x.shape[1])
             if hessian:
                 self.hessian = torch.zeros(x.shape[1], x.shape[1])
         self.abs_mean += x.abs().sum(0)
+        self.sq_mean += x.square().sum(0)
         if hessian:
             self.hessian.addmm_(x.T, x)
         self.tokens += n
@@ -73,6 +77,7 @@ class LinearStats:
     def finish(self) -> "LinearStats":
         if self.tokens:
             self.abs_mean /= self.tokens
+            self.sq_mean /= self.tokens
             if self.hessian is not None:
                 self.hessian /= self.tokens
         return self

@@ -188,7 +188,8 @@ class LossProbe:
                     if choice.codec not in GPTQ_CODECS:
                         raise ValueError(f"candidate {c.label}: {choice.codec.value} has no grid GPTQ rounds onto")
                     res = gptq_quantize(stacked, h, codec=choice.codec, group_size=choice.params.get("group_size"),
-                                        damp=self.cal.damp, block_size=self.cal.block_size, act_order=self.cal.act_order)
+                                        damp=self.cal.damp, block_size=self.cal.block_size, act_order=self.cal.act_order,
+                                        weighted_grid=self.cal.importance)
                     r0 = 0
                     for f, w, src in zip(fulls, ws, srcs):
                         r1 = r0 + w.shape[0]

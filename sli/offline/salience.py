@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from sli.offline.adaptive import AdaptiveQuantizer
 from sli.offline.calibration import HOLDOUT_TOKENS, CalibrationConfig, read_text
-from sli.offline.config import QuantizationConfig, QuantizationMode, is_quantizable, module_matches
+from sli.offline.config import QuantizationConfig, QuantizationMode, is_quantizable, is_vocab, module_matches
 from sli.offline.lossprobe import KEEP, Candidate, LossProbe, loss_candidates, row_candidates
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def default_candidates() -> list[Candidate]:
 class SaliencePlan:
     plan: AdaptiveQuantizer
     target_bits: float | None
-    achieved_bits: float  # over the assigned tensors
+    achieved_bits: float  # bits target: over every parameter (stored bytes); loss target: over the layers' linears
     choices: dict[str, str] = field(default_factory=dict)  # tensor -> candidate label
     scores: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)  # tensor -> label -> (bytes, error)
     target_loss: float | None = None  # percent
@@ -168,10 +168,13 @@ def plan_by_salience(
         source: the model's :class:`~sli.offline.sources.ModelSource` (read one tensor at a time).
         reference_model: bits target: a mode-``none`` :class:`~runtime.executor.StreamingModel` of it, for calibration.
         tokenizer: bits target: its tokenizer.
-        target_bits: average bits per weight over the quantized tensors (codes plus scales).
+        target_bits: bits per weight counted over every parameter (embeddings, head, norms)
+            from the bytes the cache stores, as a GGUF file's size is; the embeddings and head
+            are int8 rows, norms and biases kept, the linears share what is left.
         target_loss: percent perplexity loss allowed on the held-out slice of the calibration text.
         calibration: loss target: the text, samples and seqlen (default: the shipped text,
-            GPTQ); the plan quantizes with it.
+            GPTQ); the plan quantizes with it. Bits target: the statistics are taken on its
+            samples (their first ``calibration_tokens`` tokens; default: the shipped text).
         work_dir: loss target: where candidate records wait (removed afterwards).
         skip_modules: kept unquantized. Default: the head and embeddings for a bits target;
             nothing for a loss target (they are candidates too).
@@ -193,15 +196,19 @@ def plan_by_salience(
             cal = dataclasses.replace(cal, holdout_tokens=HOLDOUT_TOKENS)
         return _plan_for_loss(source, target_loss, cal, work_dir,
                               candidates=candidates, skip_modules=tuple(skip_modules or ()), progress=progress, aim=aim_loss)
-    if skip_modules is None:
-        skip_modules = ("lm_head", "embed_tokens")
-
+    skip_modules = tuple(skip_modules or ())
     candidates = candidates or default_candidates()
-    ids = torch.tensor(tokenizer(calibration_text())["input_ids"][:calibration_tokens])
+    if calibration is not None:
+        from sli.offline.calibration import calibration_set
+
+        ids = calibration_set(calibration, tokenizer).samples.reshape(-1)[:calibration_tokens]
+    else:
+        ids = torch.tensor(tokenizer(calibration_text())["input_ids"][:calibration_tokens])
     s_in = input_statistics(reference_model, ids)
     scores: dict[str, dict[str, tuple[int, float]]] = {}
     numel: dict[str, int] = {}
-    names = [n for n in source.tensor_names() if n.endswith(".weight") and not module_matches(n.rsplit(".", 1)[0], skip_modules)]
+    names = [n for n in source.tensor_names() if n.endswith(".weight") and not module_matches(n.rsplit(".", 1)[0], skip_modules)
+             and not is_vocab(n.rsplit(".", 1)[0])]
     for name in tqdm(names, desc="salience", unit="tensor", disable=not progress):
         module = name.removesuffix(".weight")
         if module not in s_in:
@@ -216,27 +223,29 @@ def plan_by_salience(
             enc = get_codec(choice.codec).encode(w, **choice.params)
             scores[name][c.label] = (enc.nbytes, weighted_error(w, decode_tensor(enc, torch.float32), s_in[module]))
         del w
-    total = sum(numel.values())
-    budget = target_bits * total / 8
+    base = QuantizationConfig(mode=QuantizationMode.NONE, vocab_mode=QuantizationMode.INT8)  # embeddings and head: int8 rows
+    plan = AdaptiveQuantizer(base_config=base, attention_config=base, ffn_config=base, skip_modules=list(skip_modules))
+    # every parameter counts: what the rest (embeddings, head, norms, skipped) stores comes off the budget first
+    total_params = sum(math.prod(source.tensor_meta(n)[0]) for n in source.tensor_names()
+                       if not (bool(getattr(source.config, "tie_word_embeddings", False)) and n.endswith("lm_head.weight")))
+    other = _planned_bytes(source, plan, set(scores))
+    budget = target_bits * total_params / 8 - other
     cheapest = sum(min(b for b, _ in sc.values()) for sc in scores.values())
     if cheapest > budget:
+        floor = 8 * (cheapest + other) / total_params
         raise ValueError(
-            f"target of {target_bits} bits per weight is below the {8 * cheapest / total:.2f} the cheapest candidate needs; raise --target-bits"
-        )
+            f"target of {target_bits} bits per weight (all {total_params} parameters) is below the {floor:.2f} that the cheapest "
+            f"candidates need with the embeddings, head and norms ({8 * other / total_params:.2f} bits per weight of it); "
+            f"raise --target-bits to at least {math.ceil(floor * 100) / 100}")
     choice = assign(scores, budget)
     used = sum(scores[n][lbl][0] for n, lbl in choice.items())
     by_label = {c.label: c.config for c in candidates}
-    overrides = {n: by_label[lbl] for n, lbl in choice.items()}
-    plan = AdaptiveQuantizer(
-        base_config=QuantizationConfig(mode=QuantizationMode.NONE),
-        attention_config=QuantizationConfig(mode=QuantizationMode.NONE),
-        ffn_config=QuantizationConfig(mode=QuantizationMode.NONE),
-        skip_modules=list(skip_modules),
-        overrides=overrides,
-    )
-    achieved = 8 * used / total if total else math.nan
-    logger.info("salience plan: %.3f bits/weight (target %.2f): %s", achieved, target_bits, SaliencePlan(plan, target_bits, achieved, choice).counts())
-    return SaliencePlan(plan, target_bits, achieved, choice, scores)
+    plan = AdaptiveQuantizer(base_config=base, attention_config=base, ffn_config=base, skip_modules=list(skip_modules),
+                             overrides={n: by_label[lbl] for n, lbl in choice.items()})
+    achieved = 8 * (used + other) / total_params
+    logger.info("salience plan: %.3f bits/weight over every parameter (target %.2f): %s", achieved, target_bits,
+                SaliencePlan(plan, target_bits, achieved, choice).counts())
+    return SaliencePlan(plan, target_bits, achieved, choice, scores, bits_all=achieved)
 
 
 def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, candidates, skip_modules, progress,
@@ -321,6 +330,23 @@ def _plan_for_loss(source, target: float, cal: CalibrationConfig, work_dir, *, c
         return sp
     finally:
         probe.close()
+
+
+def _planned_bytes(source, plan, measured: set[str]) -> int:
+    """Bytes the tensors outside ``measured`` take as ``plan`` encodes them (a tied head once)."""
+    from cache.codecs import CodecName, get_codec
+
+    total = 0
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    for n in source.tensor_names():
+        if n in measured or (tied and n.endswith("lm_head.weight")):
+            continue
+        choice = plan.choose(n, torch.empty(source.tensor_meta(n)[0], device="meta"))
+        if choice.codec is CodecName.RAW:
+            total += source.tensor_nbytes(n)
+        else:
+            total += get_codec(choice.codec).encode(source.read(n), **choice.params).nbytes
+    return total
 
 
 def _other_bytes(source, measured: set[str]) -> int:
