@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -96,6 +96,7 @@ class SpeculativeConfig:
             raise ValueError(f"speculative must be None, {', '.join(repr(m.value) for m in Speculative)}; got {speculative!r}") from e
 
 
+@runtime_checkable
 class Drafter(Protocol):
     """Proposes up to ``k`` tokens to follow ``tokens`` (all tokens so far: prompt and output)."""
 
@@ -292,8 +293,8 @@ def _row_scores(choose, context: list[int], draft: list[int], logits: torch.Tens
 def stream_speculative(model, input_ids: torch.Tensor, cfg, out, *, speculative, draft=None, attention_mask=None,
                        should_stop=None, prefix_cache: PrefixCachingSession | None = None) -> Iterator:
     """:func:`runtime.generate.stream` with speculation (the same contract, one sequence).
-    ``speculative``: ``"lookup"``, ``"draft"`` or a :class:`SpeculativeConfig`; ``draft``: the
-    draft model (a ``StreamingModel`` of the same tokenizer) for ``"draft"``.
+    ``speculative``: ``"lookup"``, ``"draft"`` or a :class:`SpeculativeConfig`; ``draft``: for
+    ``"draft"``, the draft model (a ``StreamingModel`` of the same tokenizer) or any :class:`Drafter`.
 
     Raises:
         ValueError: a batch, a left-padding mask, an unknown method, or ``"draft"`` without a draft model.
@@ -308,8 +309,10 @@ def stream_speculative(model, input_ids: torch.Tensor, cfg, out, *, speculative,
                          "already fills each pass with its rows: pass speculative=None")
     if spec.method is Speculative.DRAFT and draft is None:
         raise ValueError("speculative='draft' needs draft=, a small model with the same tokenizer")
-    drafter: Drafter = (ModelDrafter(draft) if spec.method is Speculative.DRAFT
-                        else PromptLookup(min_ngram=spec.min_ngram, max_ngram=spec.max_ngram))
+    if spec.method is Speculative.LOOKUP:
+        drafter: Drafter = PromptLookup(min_ngram=spec.min_ngram, max_ngram=spec.max_ngram)
+    else:
+        drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft)
     n = input_ids.shape[1]
     check_context(model, 1, n, cfg.max_new_tokens)
     choose = Chooser(cfg)
