@@ -278,3 +278,27 @@ def test_bad_requests_are_refused(tiny):
     steps = list(stream(m, ids[:1], SamplingConfig(max_new_tokens=5), out, speculative="lookup"))
     assert [s.index for s in steps] == list(range(5)) and out.stats.stop_reason == "length"
     assert ModelDrafter(m).propose([5, 6, 7], 0) == []
+
+
+def test_processor_and_cli_speculate(tiny, tmp_path, capsys):
+    prompt = " ".join(f"word{5 + i % 7}" for i in range(30))  # repetitive: lookup drafts often
+    plain = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    spec = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True, speculative="lookup")
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text and spec.stats.drafted_tokens > 0
+    assert plain.stats.tokens_per_pass == 1.0 and plain.stats.drafted_tokens == 0
+    own = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True, speculative="draft", draft="int8")  # its own int8 variant
+    assert own.token_ids == plain.token_ids and own.stats.acceptance > 0.5
+    with pytest.raises(ValueError, match="speculative='draft' needs draft="):
+        tiny.generate(prompt, speculative="draft")
+    with pytest.raises(ValueError, match="serves one prompt; 2 prompts decode as a batch"):
+        tiny.generate([prompt, prompt], speculative="lookup")
+    other = make_tiny_model(tmp_path, "llama", layers=2, seed=5, vocab=400)
+    with pytest.raises(ValueError, match=r"another tokenizer \(400 tokens; 0 of the model's 320"):
+        tiny.generate(prompt, speculative="draft", draft=str(other))
+
+    from sli.cli import main
+
+    assert main(["generate", str(tiny.model_path), "--mode", "none", "--cache", str(tiny.cache_dir), "--prompt", prompt,
+                 "--max-new-tokens", "12", "--speculative", "lookup"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens per pass" in err, err[-400:]
