@@ -302,3 +302,41 @@ def test_processor_and_cli_speculate(tiny, tmp_path, capsys):
                  "--max-new-tokens", "12", "--speculative", "lookup"]) == 0
     err = capsys.readouterr().err
     assert "tokens per pass" in err, err[-400:]
+
+
+REAL_PROMPTS = [
+    "Repeat this sentence exactly, twice: The quick brown fox jumps over the lazy dog near the river bank.",
+    "Fix the bug in this function and return the whole function:\n\ndef mean(xs):\n    total = 0\n    for x in xs:\n"
+    "        total += x\n    return total / len(x)\n",
+    "What are three good habits for learning a new programming language?",
+    "Summarize in one sentence: The library opens at nine. It closes at five on weekdays and at noon on Saturdays. "
+    "It is closed on Sundays.",
+]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_model_greedy_tokens_equal_plain_decoding(real_model, tmp_path, dtype):
+    """fp32: every token equal. bf16: a pass of several rows may round differently from a pass of
+    one, so a near-tie between the two best tokens may flip; every divergence must be such a tie
+    (top-two gap of the plain run's logits under a few bf16 steps at that magnitude)."""
+    p = UniversalSLIProcessor(real_model, quantization_config="none", cache_dir=tmp_path, dtype=dtype, progress=False)
+    m = p.load()
+    tok = p.tokenizer
+    diverged, kept = [], 0
+    for text in REAL_PROMPTS:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        want = p.generate(ids, max_new_tokens=32, prefix_cache=False)
+        got = p.generate(ids, max_new_tokens=32, speculative="lookup")  # through the paged prefix cache
+        kept += got.stats.drafted_tokens * got.stats.acceptance
+        if got.token_ids != want.token_ids:
+            i = next(j for j, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b)
+            top = m.logits(torch.tensor([ids + want.token_ids[:i]]))[0, -1].topk(2).values
+            diverged.append((text[:20], i, float(top[0] - top[1])))
+    assert kept > 10  # lookup did draft and the model kept drafted tokens
+    if dtype == "float32":
+        assert diverged == []
+    else:
+        assert all(gap < 0.25 for _, _, gap in diverged), diverged
+    p.close()
