@@ -163,7 +163,9 @@ def _in_cgroup(a) -> dict:
     proc.load()  # built before the cold run
     proc.close()
     if a.draft:
-        UniversalSLIProcessor(fetch_model(), quantization_config=a.draft, cache_dir=a.cache, progress=False).load()
+        draft = UniversalSLIProcessor(fetch_model(), quantization_config=a.draft, cache_dir=a.cache, progress=False)
+        draft.load()
+        draft.close()
     drop_caches([Path(a.cache)])
     cg = MemoryCgroup(parse_size(a.limit))
     try:
