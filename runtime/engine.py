@@ -15,6 +15,10 @@ pool and the batch (vLLM's ``EngineCore``), and request handlers talk to it thro
   request's sink, a callable run on the engine thread (a server's sink hands them to its
   event loop). A request that fails, or a step that fails, ends those requests with an error;
   the loop goes on.
+
+Speculative decoding (:mod:`runtime.speculative`) is off here: a batch of decoding requests
+already fills each pass over the streamed layers with its rows, which is what speculation
+buys one user; drafted rows would compete with other requests' rows for the same pass.
 """
 
 from __future__ import annotations

@@ -137,6 +137,10 @@ class GenerationStats:
     prefill_tokens: int = 0  # prompt tokens actually computed
     stop_reason: str = ""  # of the first sequence: "stop" (token or string) or "length"
     stop_reasons: list[str] = field(default_factory=list)
+    decode_passes: int = 0  # forward passes after the first token
+    tokens_per_pass: float = 0.0  # new tokens after the first per decode pass (and sequence): 1 without speculation
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    acceptance: float = 0.0  # of the drafted tokens, the fraction kept
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -288,17 +292,28 @@ def stream(
     attention_mask: torch.Tensor | None = None,
     should_stop: StopFn | None = None,
     prefix_cache=None,
+    speculative=None,
+    draft: StreamingModel | None = None,
 ) -> Iterator[Step]:
     """Yield new tokens step by step for a batch ``[batch, seq]`` (left-padded with
     ``attention_mask``); fills ``out`` (tokens and stats) as it goes. A sequence finishes at a
     stop token or when ``should_stop(row, its new tokens)`` says so; the loop ends when all have.
     With ``prefix_cache`` (a :class:`runtime.kv.PrefixCachingSession`, one sequence only) the
     KV lives in the paged pool: the longest cached prefix is reused and only the rest is
-    prefilled; afterwards the request's blocks are filed.
+    prefilled; afterwards the request's blocks are filed. ``speculative`` (``"lookup"``,
+    ``"draft"`` with ``draft=`` a small model of the same tokenizer, or a
+    :class:`runtime.speculative.SpeculativeConfig`; one sequence) verifies drafted tokens
+    several per pass (:mod:`runtime.speculative`); the tokens are those of plain decoding.
 
     Raises:
         ValueError: empty prompt, or longer than the context or the budget's KV reservation.
     """
+    if speculative is not None:
+        from runtime.speculative import stream_speculative
+
+        yield from stream_speculative(model, input_ids, cfg, out, speculative=speculative, draft=draft,
+                                      attention_mask=attention_mask, should_stop=should_stop, prefix_cache=prefix_cache)
+        return
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     batch, n = input_ids.shape
@@ -370,6 +385,8 @@ def stream(
         stats.prefetch_hit_rate = model.stats.prefetch_hit_rate
         stats.hidden_io_fraction = model.stats.hidden_io_fraction
         stats.peak_rss_bytes = mem.peak_bytes
+        stats.decode_passes = steps
+        stats.tokens_per_pass = decoded / batch / steps if steps else 0.0
 
 
 def generate(model: StreamingModel, input_ids: torch.Tensor, cfg: SamplingConfig, **kwargs) -> GenerationOutput:

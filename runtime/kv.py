@@ -300,6 +300,26 @@ class PagedKVCache(Cache):
         while len(self.seq.blocks) * self.pool.block_size < tokens:
             self.seq.blocks.append(self.pool.allocate())
 
+    def truncate(self, tokens: int) -> None:
+        """Keep the KV of the first ``tokens`` tokens only (a rejected draft's leave): blocks past
+        them go back to the pool unhashed, so no rejected token is ever registered or spilled;
+        the slots after ``tokens`` in the last kept block are written again by the next tokens.
+
+        Raises:
+            ValueError: ``tokens`` beyond what the cache holds, or inside the reused prefix
+                (its blocks are shared and keyed by their tokens).
+        """
+        bs = self.pool.block_size
+        if not len(self.seq.hashes) * bs <= tokens <= min(self.lengths):
+            raise ValueError(f"cannot truncate a cache of {min(self.lengths)} tokens to {tokens}: keep between the "
+                             f"{len(self.seq.hashes) * bs} reused prefix tokens and what it holds")
+        keep = -(-tokens // bs)
+        for b in self.seq.blocks[keep:]:
+            self.pool.release(b)
+        del self.seq.blocks[keep:]
+        self.lengths = [tokens] * len(self.lengths)
+        self._idx = None  # the table changed: a block added later may take another index
+
     def _index(self, nblocks: int) -> torch.Tensor:
         if self._idx is None or len(self._idx) != nblocks:  # the table only changes when a block is added
             self._idx = torch.tensor([b.index for b in self.seq.blocks[:nblocks]], device=self.pool.device)

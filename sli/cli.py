@@ -165,7 +165,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     proc.load()  # quantize if needed and open, before echoing the prompt
     proc.prefix_session()  # the KV pool and its spill store: what they say comes before the prompt too
     out = GenerationOutput()
-    pieces = proc.stream(a.prompt, max_new_tokens=a.max_new_tokens, stop=a.stop, out=out, **options)
+    pieces = proc.stream(a.prompt, max_new_tokens=a.max_new_tokens, stop=a.stop, out=out, speculative=a.speculative,
+                         draft=a.draft, **options)
     print(a.prompt, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -175,11 +176,27 @@ def cmd_generate(a: argparse.Namespace) -> int:
         f"\n[{proc.model.plan.describe()}]\n"
         f"[prompt {s.prompt_tokens} tokens, {s.new_tokens} new; first token {s.time_to_first_token_s:.2f}s; "
         f"prefill {s.prefill_tokens_per_s:.1f} tok/s; decode {s.decode_tokens_per_s:.2f} tok/s; "
-        f"{format_size(s.bytes_read_per_token)} read per token; peak +{format_size(s.peak_rss_bytes)} during generation]",
+        f"{format_size(s.bytes_read_per_token)} read per token; peak +{format_size(s.peak_rss_bytes)} during generation"
+        f"{_speculation(s, a.speculative)}]",
         file=sys.stderr,
     )
     proc.close()
     return 0
+
+
+def _speculation(s, speculative: str | None) -> str:
+    return f"; {s.tokens_per_pass:.2f} tokens per pass, {s.acceptance:.0%} of {s.drafted_tokens} drafted kept" if speculative else ""
+
+
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    from runtime.speculative import Speculative
+
+    p.add_argument("--speculative", default=None, choices=[m.value for m in Speculative],
+                   help="verify several drafted tokens per pass over the streamed layers (the same tokens as plain decoding): "
+                        "lookup (n-grams of the prompt and the text so far, no extra weights) or draft (--draft)")
+    p.add_argument("--draft", default=None,
+                   help="--speculative draft: a small model with the same tokenizer (folder or cache), or a plan name "
+                        "(e.g. int4) for the model's own variant; held resident beside the budget")
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -218,12 +235,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
                     print(
                         f"[time to first token {s.time_to_first_token_s:.2f}s; decode {s.decode_tokens_per_s:.2f} tok/s; "
                         f"prompt {s.prompt_tokens} tokens, {s.cached_tokens} cached ({s.disk_cached_tokens} from disk), "
-                        f"{s.prefill_tokens} prefilled; {s.new_tokens} new; peak +{format_size(s.peak_rss_bytes)}]",
+                        f"{s.prefill_tokens} prefilled; {s.new_tokens} new; peak +{format_size(s.peak_rss_bytes)}{_speculation(s, a.speculative)}]",
                         flush=True,
                     )
                 continue
             print("bot> ", end="", flush=True)
-            gen = session.stream(cmd, max_new_tokens=a.max_new_tokens)
+            gen = session.stream(cmd, max_new_tokens=a.max_new_tokens, speculative=a.speculative, draft=a.draft)
             try:
                 for piece in gen:
                     print(piece, end="", flush=True)
@@ -556,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--system", default=None, help="system prompt")
     _add_kv_dtype(c)
+    _add_speculative(c)
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="sli against transformers and accelerate offload (AirLLM when asked) at several budgets")
@@ -622,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda: compute on the GPU, layers streamed within --gpu-budget (GPU) and --memory-budget (host)")
     g.add_argument("--gpu-budget", default=None, help="GPU memory for --device cuda, e.g. 4GB")
     _add_kv_dtype(g)
+    _add_speculative(g)
     _copy_plan_args(sub, g, with_cache=True)
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, continuous batching under a memory budget")

@@ -21,6 +21,7 @@ from runtime.generate import GenerationOutput, GenerationResult, SamplingConfig,
 from runtime.generate import generate as generate_tokens
 from runtime.generate import stream as stream_tokens
 from runtime.memory import parse_size
+from runtime.speculative import Speculative, SpeculativeConfig
 from runtime.tokenizer import load_tokenizer
 from sli.offline.adaptive import AdaptiveQuantizer
 from sli.offline.config import QuantizationConfig
@@ -151,6 +152,7 @@ class UniversalSLIProcessor:
             raise ValueError(f"kv_dtype must be one of {', '.join(k.value for k in KVDtype)}, got {kv_dtype!r}")
         self.kv_dtype = KVDtype(kv_dtype)
         self._prefix = None
+        self._drafts: dict = {}
         self._spill = None
         self._source: ModelSource | None = None
         self._store: LayerStore | None = None
@@ -464,6 +466,8 @@ class UniversalSLIProcessor:
         stop: list[str] | None = None,
         ignore_eos: bool = False,
         prefix_cache: bool = True,
+        speculative: str | None = None,
+        draft=None,
         out: GenerationOutput | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` (tokenized as ``tokenizer(prompt)``, no chat
@@ -471,19 +475,31 @@ class UniversalSLIProcessor:
         (unless ``ignore_eos``, for benchmarks) or after a stop string (not part of the text).
         The KV lives in the paged pool and the longest prefix computed before (in this
         process, or spilled to disk by an earlier one) is reused; ``prefix_cache=False``
-        turns reuse off for this call (a plain KV cache: nothing reused, nothing filed). ``out.stats`` reports cached and prefilled tokens."""
+        turns reuse off for this call (a plain KV cache: nothing reused, nothing filed). ``out.stats`` reports cached and prefilled tokens.
+        ``speculative="lookup"`` (n-grams of the prompt and the text so far) or ``"draft"`` (with
+        ``draft=`` a small model of the same tokenizer: a folder, a cache, a processor, or a plan
+        name such as ``"int4"`` for this model's own 4-bit variant) verifies several drafted
+        tokens per pass over the streamed layers; the tokens are the plain decoding's
+        (``out.stats.tokens_per_pass``, ``.acceptance``)."""
         options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed)
         SamplingConfig(max_new_tokens=max_new_tokens, **options)  # a bad option is said before anything loads
         stop = list(check_stop(stop))
+        spec = SpeculativeConfig.create(speculative) if speculative is not None else None
+        if draft is not None and (spec is None or spec.method is not Speculative.DRAFT):
+            raise ValueError("draft= is the draft model of speculative='draft'; pass both, or neither")
+        if spec is not None and spec.method is Speculative.DRAFT and draft is None:
+            raise ValueError("speculative='draft' needs draft=, a small model with the same tokenizer (or 'int4': this model's own)")
         model = self.load()
+        draft_model = self._draft(draft).load() if draft is not None else None
         tok = self.tokenizer
         ids = torch.tensor([list(prompt) if not isinstance(prompt, str) else tok(prompt)["input_ids"]])
         cfg = self._sampling(max_new_tokens, ignore_eos=ignore_eos, **options)
         out = out if out is not None else GenerationOutput()
         text = TextStream(tok, stop)
         session = self.prefix_session() if prefix_cache else None  # off: a plain cache, nothing reused or filed
-        for step in stream_tokens(model, ids, cfg, out, should_stop=stop_checker(tok, stop), prefix_cache=session):
+        for step in stream_tokens(model, ids, cfg, out, should_stop=stop_checker(tok, stop), prefix_cache=session,
+                                  speculative=spec, draft=draft_model):
             piece = text.push(out.token_ids[-1])
             if piece:
                 yield piece
@@ -512,6 +528,9 @@ class UniversalSLIProcessor:
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
         kwargs.pop("prefix_cache", None)
+        if kwargs.pop("speculative", None) is not None or kwargs.pop("draft", None) is not None:
+            raise ValueError(f"speculative decoding serves one prompt; {len(prompt)} prompts decode as a batch, whose rows "
+                             "already share each pass: pass speculative=None, or one prompt at a time")
         cfg = self._sampling(kwargs.pop("max_new_tokens", 64), **kwargs)
         out = generate_tokens(self.load(), ids, cfg, attention_mask=mask, should_stop=stop_checker(tok, stop))
         texts = [cut_at_stop(tok.decode(t, skip_special_tokens=True), stop) for t in out.batch_token_ids]
@@ -527,7 +546,20 @@ class UniversalSLIProcessor:
         ids = torch.tensor(ids[:max_tokens] if max_tokens else ids)
         return perplexity(model, ids, max_length=max_length, stride=stride).perplexity
 
+    def _draft(self, draft):
+        """The draft model's processor (opened once per ``draft``; see :func:`sli.draft.open_draft`)."""
+        from sli.draft import open_draft
+
+        key = draft if isinstance(draft, (str, Path)) else id(draft)
+        if key not in self._drafts:
+            self._drafts[key] = open_draft(self, draft)
+        return self._drafts[key]
+
     def close(self) -> None:
+        for key, proc in self._drafts.items():
+            if isinstance(key, (str, Path)):  # opened here; a processor passed in stays its owner's
+                proc.close()
+        self._drafts = {}
         self._prefix = None
         if self._spill is not None:
             self._spill.close()
