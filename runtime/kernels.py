@@ -22,8 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from typing import TYPE_CHECKING
+
 from cache.codecs import CodecName, get_codec
 from cache.record import EncodedTensor
+
+if TYPE_CHECKING:
+    from runtime.rows import Int4Codes
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,9 @@ class PackedInt4:
     scales_and_zeros: torch.Tensor
     group_size: int
     planes: int = 1
+    # the same weight's portable codes (:class:`runtime.rows.Int4Codes`), attached where the
+    # plan keeps them mapped, for the rows path (many rows: dequantize + GEMM); None: packed only
+    codes: "Int4Codes | None" = None
 
     @property
     def out_features(self) -> int:
@@ -70,7 +78,7 @@ class PackedInt4:
         idx = [slice(p * n + r0, p * n + r1) for p in range(self.planes)]
         packed = self.packed[idx[0]] if self.planes == 1 else torch.cat([self.packed[i] for i in idx])
         sz = torch.cat([self.scales_and_zeros[:, i] for i in idx], dim=1)
-        return PackedInt4(packed, sz, self.group_size, self.planes)
+        return PackedInt4(packed, sz, self.group_size, self.planes)  # without codes: the packed kernel only
 
     @property
     def nbytes(self) -> int:
