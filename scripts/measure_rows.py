@@ -114,7 +114,7 @@ def markdown(rows: list[dict]) -> str:
         best = min(("int4 packed", "dequant+gemm", "dequant whole"), key=lambda c: r[f"{c} ms"])
         cells = [(f"**{r[f'{c} ms']:.2f}**" if c == best else f"{r[f'{c} ms']:.2f}") for c in cols]
         lines.append(f"| {r['scale']} | {r['shape']} | {r['rows']} | " + " | ".join(cells) + " |")
-    deq = {(r["scale"], r["shape"]): r["dequantize only ms"] for r in rows}
+    deq = {(r["scale"], r["shape"]): r["dequantize only ms"] for r in rows if r.get("dequantize only ms") is not None}
     lines += ["", "Dequantizing the whole weight to bf16 alone (ms): " + ", ".join(f"{s} {sh} {v:.2f}" for (s, sh), v in deq.items())]
     return "\n".join(lines) + "\n"
 
