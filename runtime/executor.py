@@ -201,8 +201,9 @@ class StreamingModel:
             return "turned off" if rows_kernel is False else "no packed int4 weights"
         kept = set(self.plan.resident_layers)
         items = [d for g, ds in self.layout.items() if layer_index(g) in kept for d in ds if d.planes == 1]
-        codes = sum(entries[s].stored_bytes for d in items for s in d.sources)
-        plan, why = plan_rows(self.plan, room, codes, 2 * TILE_ELEMS)
+        sources = [entries[s] for d in items for s in d.sources]
+        plan, why = plan_rows(self.plan, room, sum(t.stored_bytes for t in sources if not t.compressed), 2 * TILE_ELEMS,
+                              held_bytes=sum(t.raw_bytes for t in sources if t.compressed))
         if plan is not None:
             table = CrossoverTable.load(self.derived.path / CROSSOVER_FILE).ensure({(d.shape[0], d.in_features, d.group_size) for d in items})
             if all(table.crossover(d.shape[0], d.in_features, d.group_size) is None for d in items):

@@ -338,27 +338,32 @@ class RowsKernel:
         return err
 
 
-def plan_rows(plan: BudgetPlan, room: PageCacheRoom | None, codes_bytes: int, scratch_bytes: int) -> tuple[BudgetPlan | None, str]:
+def plan_rows(plan: BudgetPlan, room: PageCacheRoom | None, codes_bytes: int, scratch_bytes: int, *, held_bytes: int = 0,
+              ) -> tuple[BudgetPlan | None, str]:
     """The plan with the rows path's costs added, or None and the reason it has no room.
 
-    The path needs the kept layers' portable codes used in place beside their packed copy
-    (``codes_bytes``: mapped, so in the page-cache room; in the budget when no room is given)
-    and one scratch tile (``scratch_bytes``, anonymous: in the budget)."""
-    if not codes_bytes:
+    The path needs the kept layers' portable codes beside their packed copy: ``codes_bytes``
+    used in place from the map (in the page-cache room; in the budget when no room is given),
+    ``held_bytes`` decompressed into memory (compressed records: in the budget), and one
+    scratch tile (``scratch_bytes``, in the budget)."""
+    if not codes_bytes + held_bytes:
         return None, "no kept layer has int4 codes the rows path can read"
-    anon = plan.planned_bytes + scratch_bytes
+    anon = plan.planned_bytes + scratch_bytes + held_bytes
+    fixed = {**plan.fixed, "rows scratch": scratch_bytes}
     if room is not None:
         have = room.for_mapped(anon) - plan.mapped_bytes - plan.inflight_bytes
         if anon > plan.budget_bytes or codes_bytes > have:
             return None, (f"the plan has no room for the int4 codes ({codes_bytes >> 20} MiB mapped, {max(have, 0) >> 20} MiB left "
-                          f"in the page-cache room) and the {scratch_bytes >> 20} MiB scratch tile")
-        new = dataclasses.replace(plan, fixed={**plan.fixed, "rows scratch": scratch_bytes}, mapped_bytes=plan.mapped_bytes + codes_bytes)
+                          f"in the page-cache room; {held_bytes >> 20} MiB held) and the {scratch_bytes >> 20} MiB scratch tile")
+        new = dataclasses.replace(plan, fixed=fixed, mapped_bytes=plan.mapped_bytes + codes_bytes,
+                                  resident_bytes=plan.resident_bytes + held_bytes)
     else:
         if anon + codes_bytes > plan.budget_bytes:
-            return None, (f"the budget has no room for the int4 codes ({codes_bytes >> 20} MiB) and the "
+            return None, (f"the budget has no room for the int4 codes ({(codes_bytes + held_bytes) >> 20} MiB) and the "
                           f"{scratch_bytes >> 20} MiB scratch tile beside the plan's {plan.planned_bytes >> 20} MiB")
-        new = dataclasses.replace(plan, fixed={**plan.fixed, "rows scratch": scratch_bytes}, resident_bytes=plan.resident_bytes + codes_bytes)
-    return new, f"kept layers' int4 codes mapped ({codes_bytes >> 20} MiB) and a {scratch_bytes >> 20} MiB scratch tile planned"
+        new = dataclasses.replace(plan, fixed=fixed, resident_bytes=plan.resident_bytes + codes_bytes + held_bytes)
+    return new, (f"kept layers' int4 codes mapped ({codes_bytes >> 20} MiB" + (f", {held_bytes >> 20} MiB held" if held_bytes else "")
+                 + f") and a {scratch_bytes >> 20} MiB scratch tile planned")
 
 
 __all__ = ["plan_rows", "CROSSOVER_FILE", "CrossoverTable", "Int4Codes", "ROW_COUNTS", "RowsKernel", "TILE_ELEMS", "crossover_key",

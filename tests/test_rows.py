@@ -147,6 +147,10 @@ def test_the_plan_must_have_room_for_the_rows_path():
     assert in_budget is not None and in_budget.resident_bytes == 350
     assert plan_rows(plan, None, 900, 20)[0] is None
     assert plan_rows(plan, None, 0, 20)[0] is None
+    # compressed codes are decompressed into memory: the budget holds them, not the page cache
+    held, why = plan_rows(plan, PageCacheRoom(2000, "test"), 0, 20, held_bytes=100)
+    assert held is not None and held.resident_bytes == 150 and held.mapped_bytes == 300 and "held" in why
+    assert plan_rows(plan, PageCacheRoom(2000, "test"), 0, 20, held_bytes=900)[0] is None  # 170 + 900 > the 1000 budget
 
 
 def _write_table(m: StreamingModel, crossover: int | None) -> None:
