@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from cache.codecs import CodecName, get_codec
 from cache.record import EncodedTensor
 from runtime.budget import BudgetPlan, PageCacheRoom
-from runtime.kernels import KERNEL_TOLERANCE, Int4CpuKernel, KernelError, PackedInt4, cpu_capability
+from runtime.kernels import KERNEL_TOLERANCE, Int4Codes, Int4CpuKernel, KernelError, PackedInt4, cpu_capability
 
 logger = logging.getLogger(__name__)
 
@@ -45,50 +45,6 @@ TILE_ELEMS = 1 << 21  # bf16 elements of one dequantized tile (4 MiB): 1024 rows
 ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)  # rows the crossover is searched among
 CROSSOVER_FILE = "rows-crossover.json"
 CROSSOVER_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Int4Codes:
-    """A weight's portable int4 codes: one or more ``int4_group`` records (planar, 4 bits, not
-    permuted) stacked along the output rows, used in place (views into the cache's map).
-
-    ``parts``: per record ``(packed [rows, in/2] uint8, scale [rows, groups], offset [rows,
-    groups])`` with ``w = q * scale + offset``; low nibbles hold columns ``0 .. in/2``, high
-    nibbles the rest."""
-
-    parts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
-    in_features: int
-    group_size: int
-
-    @staticmethod
-    def usable(enc: EncodedTensor) -> bool:
-        p = enc.params
-        return (enc.codec == CodecName.INT4_GROUP.value and p.get("bits", 4) == 4 and p.get("layout") == "planar"
-                and not p.get("permuted") and len(enc.shape) == 2 and enc.shape[1] % int(p["group_size"]) == 0
-                and enc.shape[1] % 2 == 0)
-
-    @classmethod
-    def of(cls, encs: list[EncodedTensor]) -> "Int4Codes":
-        """The codes of records stacked in row order.
-
-        Raises:
-            ValueError: a record is not planar unpermuted int4, or the records disagree.
-        """
-        if not encs:
-            raise ValueError("Int4Codes needs at least one record")
-        bad = [e.params for e in encs if not cls.usable(e)]
-        k, gs = encs[0].shape[1], int(encs[0].params["group_size"])
-        if bad or any(e.shape[1] != k or int(e.params["group_size"]) != gs for e in encs):
-            raise ValueError(f"the rows path takes planar, unpermuted int4 records of one width and group size; got {bad or 'mixed ones'}")
-        return cls(tuple((e.parts["packed"].view(e.shape[0], k // 2), e.parts["scale"], e.parts["offset"]) for e in encs), k, gs)
-
-    @property
-    def out_features(self) -> int:
-        return sum(p.shape[0] for p, _, _ in self.parts)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for part in self.parts for t in part)
 
 
 def tile_rows(in_features: int, tile_elems: int = TILE_ELEMS) -> int:
