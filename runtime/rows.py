@@ -41,14 +41,19 @@ from runtime.kernels import KERNEL_TOLERANCE, Int4Codes, Int4CpuKernel, KernelEr
 
 logger = logging.getLogger(__name__)
 
-TILE_ELEMS = 1 << 21  # bf16 elements of one dequantized tile (4 MiB): 1024 rows x 2048 measured best of 128-2048, and few tiles keep the parallel regions few
+# bf16 elements of one dequantized tile (4 MiB): 1024 rows x 2048 measured best of 128-2048
+# rows, and few tiles keep the parallel regions (each a chance to stall on a busy host) few
+TILE_ELEMS = 1 << 21
 ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)  # rows the crossover is searched among
 CROSSOVER_FILE = "rows-crossover.json"
 CROSSOVER_VERSION = 1
 
 
 def tile_rows(in_features: int, tile_elems: int = TILE_ELEMS) -> int:
-    return max(16, tile_elems // in_features)
+    """Weight rows one tile of ``tile_elems`` holds (at least one)."""
+    if tile_elems < in_features:
+        raise ValueError(f"a scratch tile of {tile_elems} elements cannot hold one row of {in_features}")
+    return tile_elems // in_features
 
 
 def dequantize_int4_into(codes: Int4Codes, out: torch.Tensor) -> torch.Tensor:
