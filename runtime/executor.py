@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from cache.manifest import EMBED_GROUP, HEAD_GROUP, GroupEntry, Manifest, TensorEntry, layer_group
+from cache.manifest import EMBED_GROUP, HEAD_GROUP, GroupEntry, Manifest, TensorEntry, layer_group, layer_index
 from cache.readahead import WILLNEED_SUPPORTED
 from cache.store import LayerStore
 from runtime.arch import ArchSpec
@@ -33,6 +33,7 @@ from runtime.hostmem import auto_budget, readahead_room
 from runtime.loader import RecordLoader, StreamStats
 from runtime.memory import bound_allocator, parse_size
 from runtime.packed import PackedInt4Linear, swap_packed_modules
+from runtime.rows import CROSSOVER_FILE, ROW_COUNTS, TILE_ELEMS, CrossoverTable, RowsKernel, plan_rows
 from runtime.sizing import MAX_AUTO_CONTEXT, MIN_CONTEXT, ModelSizes, plan_streaming
 from runtime.surgery import assign, empty_weights, lookup_embeddings, plain_strides, stream_head
 
@@ -100,6 +101,11 @@ class StreamingModel:
             beside the budget; a size: into that much page cache; ``0``: into the budget, like
             everything else. Kept this way, they are read once and nothing is read per token.
         attn_implementation: transformers' attention (``"sdpa"``, ``"eager"``); default: its own choice.
+        rows_kernel: steps of many rows (prefill chunks, batches) on packed int4 layers run as
+            dequantize + bf16 GEMM from the crossover measured on this host (see
+            :mod:`runtime.rows`). Default (None): on where the plan keeps the layers' int4 codes
+            mapped beside their packed copy and has room for the scratch tile; False: the packed
+            kernel for every row count; True: as None, but a plan without the room is an error.
 
     Raises:
         BudgetTooSmallError: the budget cannot hold the fixed costs plus two layer slots.
@@ -120,6 +126,7 @@ class StreamingModel:
         fuse: bool = True,
         page_cache: str | int | None = "auto",
         attn_implementation: str | None = None,
+        rows_kernel: bool | None = None,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
@@ -151,15 +158,18 @@ class StreamingModel:
             if packed_int4:
                 raise ValueError("the packed int4 kernel computes in bfloat16; pass dtype=torch.bfloat16")
             self.layout = {}
-        self.targets = swap_packed_modules(self.model, self.layout)
-        self.packed = {s: d.group_size for items in self.layout.values() for d in items for s in d.sources}
         self.derived: LayerStore | None = ensure_derived(store, variant_id, self.layout) if self.layout else None
+        self.rows_kernel = RowsKernel()  # the packed kernel for every row count until the plan says otherwise
+        self.targets = swap_packed_modules(self.model, self.layout, self.rows_kernel)
+        self.packed = {s: d.group_size for items in self.layout.values() for d in items for s in d.sources}
 
         sizes = ModelSizes(self._groups, len(self.layers), self.embed_entry, self.head_entry, self.tied, dtype, self.layout)
         self.head_derived = sizes.head_derived
         self.units = sizes.units()  # what each layer and the head costs, kept or streamed
-        sp = plan_streaming(sizes, self.config, memory_budget, context_tokens, prefill_chunk, page_cache_room(page_cache))
+        room = page_cache_room(page_cache)
+        sp = plan_streaming(sizes, self.config, memory_budget, context_tokens, prefill_chunk, room)
         self.plan, self.full_bytes, self.minimum_bytes, self.prefill_chunk = sp.plan, sp.full_bytes, sp.minimum_bytes, sp.prefill_chunk
+        self.rows_reason = self._choose_rows(rows_kernel, entries, room)
         self.context_tokens = self.plan.context_tokens
         logger.info("%s", self.plan.describe())
 
@@ -170,6 +180,7 @@ class StreamingModel:
             chunk_elems=sizes.chunk_elems(), prefetch=prefetch and streaming, readahead=bool(readahead and streaming),
             # streamed records leave the page cache after use when weights kept there must not go first
             pageout=bool(self.plan.streamed_layers and self.plan.mapped),
+            rows_codes=self.rows_kernel.active,
         )
         self._hooks: list = []
         self._load_fixed()
@@ -181,6 +192,31 @@ class StreamingModel:
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_loader(i)))
             self._hooks.append(self.layers[i].register_forward_hook(self._make_releaser(i)))
         self.reset_stats()
+
+    def _choose_rows(self, rows_kernel: bool | None, entries: dict[str, TensorEntry], room) -> str:
+        """Turn the rows path on where the plan has room for it (see ``rows_kernel``): measure
+        (or reread) the crossover of each kept packed layer weight's shape beside the derived
+        copy, prove the path, and add its costs to the plan. Returns why it is on or off."""
+        if rows_kernel is False or not self.layout:
+            return "turned off" if rows_kernel is False else "no packed int4 weights"
+        kept = set(self.plan.resident_layers)
+        items = [d for g, ds in self.layout.items() if layer_index(g) in kept for d in ds if d.planes == 1]
+        sources = [entries[s] for d in items for s in d.sources]
+        plan, why = plan_rows(self.plan, room, sum(t.stored_bytes for t in sources if not t.compressed), 2 * TILE_ELEMS,
+                              held_bytes=sum(t.raw_bytes for t in sources if t.compressed))
+        if plan is not None:
+            table = CrossoverTable.load(self.derived.path / CROSSOVER_FILE).ensure({(d.shape[0], d.in_features, d.group_size) for d in items})
+            if all(table.crossover(d.shape[0], d.in_features, d.group_size) is None for d in items):
+                plan, why = None, f"the packed kernel measured faster at every row count up to {max(ROW_COUNTS)} here"
+        if plan is None:
+            if rows_kernel:
+                raise ValueError(f"rows_kernel=True, but {why}; raise the budget or the page-cache room, or leave rows_kernel unset")
+            logger.info("int4 rows path off: %s", why)
+            return why
+        RowsKernel.prove()
+        self.rows_kernel.table, self.plan = table, plan
+        logger.info("int4 rows path on: %s; crossovers %s", why, table.rows)
+        return why
 
     def _choose_readahead(self, readahead: bool | None) -> bool | None:
         if readahead is None and self.plan.streaming:

@@ -45,6 +45,50 @@ def cpu_capability() -> str:
 
 
 @dataclass(frozen=True)
+class Int4Codes:
+    """A weight's portable int4 codes: one or more ``int4_group`` records (planar, 4 bits, not
+    permuted) stacked along the output rows, used in place (views into the cache's map).
+
+    ``parts``: per record ``(packed [rows, in/2] uint8, scale [rows, groups], offset [rows,
+    groups])`` with ``w = q * scale + offset``; low nibbles hold columns ``0 .. in/2``, high
+    nibbles the rest."""
+
+    parts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
+    in_features: int
+    group_size: int
+
+    @staticmethod
+    def usable(enc: EncodedTensor) -> bool:
+        p = enc.params
+        return (enc.codec == CodecName.INT4_GROUP.value and p.get("bits", 4) == 4 and p.get("layout") == "planar"
+                and not p.get("permuted") and len(enc.shape) == 2 and enc.shape[1] % int(p["group_size"]) == 0
+                and enc.shape[1] % 2 == 0)
+
+    @classmethod
+    def of(cls, encs: list[EncodedTensor]) -> "Int4Codes":
+        """The codes of records stacked in row order.
+
+        Raises:
+            ValueError: a record is not planar unpermuted int4, or the records disagree.
+        """
+        if not encs:
+            raise ValueError("Int4Codes needs at least one record")
+        bad = [e.params for e in encs if not cls.usable(e)]
+        k, gs = encs[0].shape[1], int(encs[0].params["group_size"])
+        if bad or any(e.shape[1] != k or int(e.params["group_size"]) != gs for e in encs):
+            raise ValueError(f"the rows path takes planar, unpermuted int4 records of one width and group size; got {bad or 'mixed ones'}")
+        return cls(tuple((e.parts["packed"].view(e.shape[0], k // 2), e.parts["scale"], e.parts["offset"]) for e in encs), k, gs)
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.shape[0] for p, _, _ in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for part in self.parts for t in part)
+
+
+@dataclass(frozen=True)
 class PackedInt4:
     """One linear weight in the int4 kernel's own layout (never written to the main cache).
 
@@ -59,6 +103,9 @@ class PackedInt4:
     scales_and_zeros: torch.Tensor
     group_size: int
     planes: int = 1
+    # the same weight's portable codes (:class:`Int4Codes`), attached where the
+    # plan keeps them mapped, for the rows path (many rows: dequantize + GEMM); None: packed only
+    codes: Int4Codes | None = None
 
     @property
     def out_features(self) -> int:
@@ -70,7 +117,7 @@ class PackedInt4:
         idx = [slice(p * n + r0, p * n + r1) for p in range(self.planes)]
         packed = self.packed[idx[0]] if self.planes == 1 else torch.cat([self.packed[i] for i in idx])
         sz = torch.cat([self.scales_and_zeros[:, i] for i in idx], dim=1)
-        return PackedInt4(packed, sz, self.group_size, self.planes)
+        return PackedInt4(packed, sz, self.group_size, self.planes)  # without codes: the packed kernel only
 
     @property
     def nbytes(self) -> int:

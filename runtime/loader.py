@@ -21,6 +21,7 @@ shape (host decode, then a copy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from cache.codecs import CodecName, ROW_PARTS, decode_rows, decode_tensor
-from cache.manifest import GroupEntry, TensorEntry, layer_group
+from cache.manifest import GroupEntry, TensorEntry, layer_group, layer_index
 from cache.store import LayerStore, RecordReader
 from runtime.derived import DerivedTensor, packed_from_record
 from runtime.kernels import PackedInt4
+from runtime.rows import Int4Codes
 from runtime.sizing import mappable
 
 
@@ -148,6 +150,8 @@ class RecordLoader:
         pageout: after a streamed layer has run, tell the kernel its records can leave the page
             cache now (``MADV_PAGEOUT``), so that under a memory limit they go before the
             weights kept mapped there, which every token uses too (an LRU cannot tell them apart).
+        rows_codes: kept packed layer weights also carry their portable int4 codes, mapped in
+            place from the cache, for the rows path (:mod:`runtime.rows`).
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class RecordLoader:
         prefetch: bool,
         readahead: bool,
         pageout: bool = False,
+        rows_codes: bool = False,
     ) -> None:
         self.store, self.derived, self.variant_id = store, derived, variant_id
         self.groups, self.layers_prefix, self.dtype, self.layout = groups, layers_prefix, dtype, layout
@@ -183,6 +188,8 @@ class RecordLoader:
         # advice to the kernel, on a thread of its own (the calls wait on the disk's queue, not on a core)
         self._readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-readahead") if readahead else None
         self.pageout = pageout
+        self.rows_codes = rows_codes
+        self._entries = {t.name: t for g in groups.values() for t in g.tensors}
         self._head_entry: TensorEntry | None = None
         self._head_derived: DerivedTensor | None = None
         # long-lived transactions behind mapped weights (valid until close)
@@ -220,8 +227,14 @@ class RecordLoader:
         """A derived tensor, mapped for the model's lifetime."""
         t0 = time.perf_counter()
         enc = self._kept_reader("derived").get(self.variant_id, d.name)
+        w = packed_from_record(enc)
+        if self.rows_codes and d.planes == 1 and layer_index(d.group) is not None:
+            main = self._kept_reader("main")
+            encs = [main.get(self.variant_id, r) for s in d.sources for r in self._entries[s].record_names()]
+            if all(Int4Codes.usable(e) for e in encs):
+                w = dataclasses.replace(w, codes=Int4Codes.of(encs))
         self.account(d.packed_bytes, time.perf_counter() - t0)
-        return packed_from_record(enc)
+        return w
 
     def keep_tensor(self, t: TensorEntry) -> torch.Tensor:
         """A tensor kept for the model's lifetime: mapped where its record is usable in place,

@@ -16,24 +16,27 @@ import torch
 from torch import nn
 
 from runtime.derived import DerivedTensor
-from runtime.kernels import Int4CpuKernel, PackedInt4
+from runtime.kernels import PackedInt4
+from runtime.rows import RowsKernel
 
 
 class PackedInt4Linear(nn.Module):
     """A linear layer computing on 4-bit weights with torch's CPU kernel (bf16 activations):
     nothing is dequantized. Its weight is a :class:`PackedInt4` in the kernel's own layout,
-    derived from the portable record for this host."""
+    derived from the portable record for this host. ``kernel`` picks how it multiplies by the
+    rows of the step (:class:`runtime.rows.RowsKernel`)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: RowsKernel) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias  # a parameter (meta until loaded) or None
         self.weight_packed: PackedInt4 | None = None
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_packed is None:
             raise RuntimeError("packed int4 linear ran without its weights loaded")
-        y = Int4CpuKernel.matmul(x, self.weight_packed)
+        y = self.kernel.matmul(x, self.weight_packed)
         return y + self.bias if self.bias is not None else y
 
 
@@ -42,7 +45,8 @@ class StackedProjection:
 
     Invariant: ``_left`` members have yet to take their rows of ``_y``, computed for ``_x``."""
 
-    def __init__(self, rows: tuple[int, ...]) -> None:
+    def __init__(self, rows: tuple[int, ...], kernel: RowsKernel) -> None:
+        self.kernel = kernel
         self.bounds = [(sum(rows[:k]), sum(rows[: k + 1])) for k in range(len(rows))]
         self.weight_packed: PackedInt4 | None = None
         self._x: torch.Tensor | None = None
@@ -53,7 +57,7 @@ class StackedProjection:
         if self._x is not x or self._left == 0:
             if self.weight_packed is None:
                 raise RuntimeError("stacked int4 projection ran without its weights loaded")
-            self._y = Int4CpuKernel.matmul(x, self.weight_packed)  # [..., sum of rows]
+            self._y = self.kernel.matmul(x, self.weight_packed)  # [..., sum of rows]
             self._x, self._left = x, len(self.bounds)
         y = self._y
         self._left -= 1
@@ -81,14 +85,17 @@ class StackedMember(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def swap_packed_modules(model: nn.Module, layout: dict[str, list[DerivedTensor]]) -> dict[str, PackedInt4Linear | StackedProjection]:
+def swap_packed_modules(model: nn.Module, layout: dict[str, list[DerivedTensor]], kernel: RowsKernel | None = None,
+                        ) -> dict[str, PackedInt4Linear | StackedProjection]:
     """Put packed modules in place of the plain linears the derived copy serves; returns the
-    derived name -> the object whose ``weight_packed`` the loader sets.
+    derived name -> the object whose ``weight_packed`` the loader sets. ``kernel``: the one
+    kernel choice every packed module shares (default: the packed kernel for every row count).
 
     Raises:
         TypeError: a module the layout names is not an ``nn.Linear`` (the manifest and the
             model's code disagree).
     """
+    kernel = kernel if kernel is not None else RowsKernel()
     targets: dict[str, PackedInt4Linear | StackedProjection] = {}
     for items in layout.values():
         for d in items:
@@ -102,10 +109,10 @@ def swap_packed_modules(model: nn.Module, layout: dict[str, list[DerivedTensor]]
                 linears.append((parent, attr, linear))
             if not d.fused:
                 parent, attr, linear = linears[0]
-                setattr(parent, attr, PackedInt4Linear(linear))
+                setattr(parent, attr, PackedInt4Linear(linear, kernel))
                 targets[d.name] = getattr(parent, attr)
                 continue
-            stack = StackedProjection(d.rows)
+            stack = StackedProjection(d.rows, kernel)
             for k, (parent, attr, linear) in enumerate(linears):
                 setattr(parent, attr, StackedMember(linear, stack, k))
             targets[d.name] = stack
