@@ -37,6 +37,7 @@ import torch
 
 from runtime.kv import PagedKVCache, PrefixCachingSession
 from runtime.memory import PeakMemorySampler
+from runtime.phases import Chooser, Step, check_context, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,6 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        from runtime.generate import prefill
 
         if k < 1:
             return []
@@ -299,7 +299,6 @@ def stream_speculative(model, input_ids: torch.Tensor, cfg, out, *, speculative,
     Raises:
         ValueError: a batch, a left-padding mask, an unknown method, or ``"draft"`` without a draft model.
     """
-    from runtime.generate import Chooser, Step, check_context, prefill
 
     spec = SpeculativeConfig.create(speculative)
     if input_ids.ndim == 1:

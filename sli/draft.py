@@ -3,8 +3,8 @@ same tokenizer, held resident (no memory budget: it is read once and stays), tha
 tokens greedily for the streamed model to verify (:mod:`runtime.speculative`).
 
 ``draft`` may be a processor, a model folder or cache directory, or the name of a plan
-(``"int4"``, ``"nf4"``, ...): the target model's own variant of that plan, from its cache, or
-built beside it (``<cache>-draft-<name>``; the model's cache is open read-only while it runs). A 4-bit variant of the model is a valid draft of its int8 or unquantized one.
+(``"int4"``, ``"nf4"``, ...): the target model's own variant of that plan, from its cache (built
+into it when absent). A 4-bit variant of the model is a valid draft of its int8 or unquantized one.
 """
 
 from __future__ import annotations
@@ -22,21 +22,17 @@ def open_draft(target, draft):
         ValueError: the tokenizers differ (their sizes and the fix are said).
     """
     from sli.offline.plans import resolve_plan
-    from sli.processor import UniversalSLIProcessor
 
-    if isinstance(draft, UniversalSLIProcessor):
+    processor = type(target)  # the facade's class, passed in: this module is below it
+    if isinstance(draft, processor):
         proc = draft
     else:
+        # a plan name is the target model's own variant of that plan, in the same cache (a
+        # process may write one variant of a cache while it reads another)
         own = isinstance(draft, str) and not Path(draft).expanduser().exists() and _is_plan(resolve_plan, draft)
         source, plan = (target.model_path, draft) if own else (draft, None)
-        proc = UniversalSLIProcessor(source, quantization_config=plan, cache_dir=target.cache_dir, dtype=target.dtype,
-                                     progress=target.progress)
-        if not proc.cache_only and not proc._variant_complete():
-            # the model's cache is open read-only while it runs: the draft gets a cache of its own beside it
-            side = target.cache_dir.with_name(f"{target.cache_dir.name}-draft-{plan or Path(draft).name}")
-            logger.info("quantizing the draft %s into %s", draft, side)
-            proc = UniversalSLIProcessor(source, quantization_config=plan, cache_dir=side, dtype=target.dtype,
-                                         progress=target.progress)
+        proc = processor(source, quantization_config=plan, cache_dir=target.cache_dir, dtype=target.dtype,
+                         progress=target.progress)
     model = proc.load()
     mine, theirs = target.tokenizer.get_vocab(), proc.tokenizer.get_vocab()
     if mine != theirs:

@@ -340,3 +340,20 @@ def test_real_model_greedy_tokens_equal_plain_decoding(real_model, tmp_path, dty
     else:
         assert all(gap < 0.25 for _, _, gap in diverged), diverged
     p.close()
+
+
+def test_a_plan_name_drafts_with_the_models_own_variant_built_into_the_same_cache(tmp_path):
+    """draft="int4": the model's own 4-bit variant, quantized into the cache the model is
+    reading (one process reads one variant and writes another), gives plain greedy's tokens."""
+    from cache.store import LayerStore
+
+    path = make_tiny_model(tmp_path, "llama", layers=3, seed=21)
+    p = UniversalSLIProcessor(str(path), quantization_config=QuantizationConfig(mode="none"), cache_dir=str(tmp_path / "c"),
+                              dtype="float32", progress=False)
+    prompt = "word5 word9 word13 word5 word9 word13 word5"
+    plain = p.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+    spec = p.generate(prompt, max_new_tokens=12, ignore_eos=True, speculative="draft", draft="int4")
+    assert spec.token_ids == plain and spec.stats.decode_passes > 0
+    with LayerStore(tmp_path / "c", readonly=True) as st:
+        assert len(st.list_variants()) == 2  # the draft's variant went into the model's own cache
+    p.close()
