@@ -172,7 +172,7 @@ class LayerStore:
         used = _used_bytes(self.env)
         # headroom: LMDB copies touched pages on write, so reserve twice the payload
         if used + 2 * need + (16 << 20) > self.map_size:
-            self._grow(used + 2 * need + (16 << 20))
+            self._shared.grow(used + 2 * need + (16 << 20))
 
     def _write(self, items: Mapping[tuple[Any, bytes], bytes]) -> None:
         """Write all items in one transaction, growing the map until they fit."""
@@ -188,10 +188,7 @@ class LayerStore:
                         txn.put(key, value, db=db)
                 return
             except lmdb.MapFullError:
-                self._grow(self.map_size * 2)
-
-    def _grow(self, at_least: int) -> None:
-        self._shared.grow(at_least)
+                self._shared.grow(self.map_size * 2)
 
     # -- writing ------------------------------------------------------------------------
     def begin_variant(self, vid: str, source_info: dict[str, Any]) -> None:
@@ -235,7 +232,7 @@ class LayerStore:
             txn.commit()
         except lmdb.MapFullError:
             txn.abort()
-            self._grow(self.map_size * 2)
+            self._shared.grow(self.map_size * 2)
             raise MapResized(f"LMDB map of {self.path} grown to {self.map_size >> 20} MiB; redo group {group}") from None
         except BaseException:
             txn.abort()
@@ -428,11 +425,6 @@ class LayerStore:
         for group in self.require_manifest(vid).groups:
             for t in group.tensors:
                 yield t.name, self.read_tensor(vid, t, dtype)
-
-    def adopt_map_size(self) -> None:
-        """After another process grew the map (``lmdb.MapResizedError``): take its new size
-        (every transaction this store opens already does; see :mod:`cache.envs`)."""
-        self._shared.adopt_map_size()
 
     def iter_groups(self, vid_prefix: str) -> Iterator[tuple[str, GroupEntry]]:
         """(variant id, group entry) of every written group of the variants whose id starts with ``vid_prefix``."""
