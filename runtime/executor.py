@@ -34,7 +34,7 @@ from runtime.loader import RecordLoader, StreamStats
 from runtime.memory import bound_allocator, parse_size
 from runtime.packed import PackedInt4Linear, swap_packed_modules
 from runtime.rows import CROSSOVER_FILE, ROW_COUNTS, TILE_ELEMS, CrossoverTable, RowsKernel, plan_rows
-from runtime.sizing import MAX_AUTO_CONTEXT, MIN_CONTEXT, ModelSizes, plan_streaming
+from runtime.sizing import MAX_AUTO_CONTEXT, MIN_CONTEXT, ModelSizes, Stage, plan_streaming
 from runtime.surgery import assign, empty_weights, lookup_embeddings, plain_strides, stream_head
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,10 @@ class StreamingModel:
             :mod:`runtime.rows`). Default (None): on where the plan keeps the layers' int4 codes
             mapped beside their packed copy and has room for the scratch tile; False: the packed
             kernel for every row count; True: as None, but a plan without the room is an error.
+        stage: the slice of decoder layers this process runs (a pipeline stage,
+            :mod:`runtime.pipeline`): only its layers (with the embeddings on the first stage,
+            the final norm and head on the last) are planned, read and held; its
+            :meth:`run_stage` takes and gives hidden states. Default: the whole model.
 
     Raises:
         BudgetTooSmallError: the budget cannot hold the fixed costs plus two layer slots.
@@ -127,6 +131,7 @@ class StreamingModel:
         page_cache: str | int | None = "auto",
         attn_implementation: str | None = None,
         rows_kernel: bool | None = None,
+        stage: Stage | None = None,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
@@ -142,7 +147,12 @@ class StreamingModel:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype, **extra)
         self.model.eval()
-        self.layers: nn.ModuleList = self.model.get_submodule(self.arch.layers)
+        self.stage = stage or Stage.whole(self.config.num_hidden_layers)
+        if self.stage.num_layers != self.config.num_hidden_layers:
+            raise ValueError(f"stage {self.stage} is for a model of {self.stage.num_layers} layers; this one has {self.config.num_hidden_layers}")
+        self.layers: nn.Module = self.model.get_submodule(self.arch.layers)
+        if not self.stage.is_whole:
+            self.layers = _keep_stage_layers(self.model, self.arch, self.stage)
         self._groups: dict[str, GroupEntry] = {g.name: g for g in self.manifest.groups}
         entries: dict[str, TensorEntry] = self.manifest.tensors()
         embed_name, head_name = f"{self.arch.embed}.weight", f"{self.arch.head}.weight"
@@ -152,6 +162,7 @@ class StreamingModel:
 
         # packed int4: the kernel's own layout, derived from the portable records for this host (built once)
         self.layout = derived_layout(self.manifest, head=self.arch.head, embed=self.arch.embed, fuse=fuse) if packed_int4 is not False else {}
+        self.layout = _stage_layout(self.layout, self.stage, head_name)
         if packed_int4 and not self.layout:
             raise ValueError("packed_int4=True but this variant has no int4 tensors the CPU int4 kernel can take")
         if self.layout and dtype != torch.bfloat16:
@@ -163,7 +174,9 @@ class StreamingModel:
         self.targets = swap_packed_modules(self.model, self.layout, self.rows_kernel)
         self.packed = {s: d.group_size for items in self.layout.values() for d in items for s in d.sources}
 
-        sizes = ModelSizes(self._groups, len(self.layers), self.embed_entry, self.head_entry, self.tied, dtype, self.layout)
+        sizes = ModelSizes(self._groups, self.config.num_hidden_layers, self.embed_entry, self.head_entry, self.tied, dtype, self.layout,
+                           stage=self.stage)
+        self.sizes = sizes
         self.head_derived = sizes.head_derived
         self.units = sizes.units()  # what each layer and the head costs, kept or streamed
         room = page_cache_room(page_cache)
@@ -185,7 +198,7 @@ class StreamingModel:
         self._hooks: list = []
         self._load_fixed()
         streamed = self.plan.streamed_layers
-        head_streams = "head" not in self.plan.resident
+        head_streams = self.stage.last and "head" not in self.plan.resident
         self.loader.stream_layers(streamed, self.plan.num_slots, self.head_entry if head_streams else None,
                                   self.head_derived if head_streams else None)
         for i in streamed:
@@ -241,10 +254,18 @@ class StreamingModel:
         """Small tensors always; the head and the layers the plan keeps (mapped or held);
         embeddings looked up by row; the head applied by chunks when it streams."""
         kept = set(self.plan.resident)
-        for gname in (EMBED_GROUP, HEAD_GROUP):
+        for gname in self.sizes.small_groups():
             for t in self._groups[gname].tensors:
                 if t is not self.embed_entry and t is not self.head_entry:
                     assign(self.model, {t.name: self.loader.keep_tensor(t)})
+        for i in self.plan.resident_layers:
+            assign(self.model, self.loader.keep_layer(i), self.targets)
+        if self.stage.last:
+            self._load_head(kept)
+        elif self.stage.first:
+            self._hooks += lookup_embeddings(self.model.get_submodule(self.arch.embed), self.loader, self.embed_entry, self.dtype)
+
+    def _load_head(self, kept: set[str]) -> None:
         head_path = self.arch.head
         if "head" in kept:
             if self.head_derived is not None:
@@ -256,14 +277,14 @@ class StreamingModel:
         else:
             self.loader.chunk_buffers()
             stream_head(self.model, head_path, self.loader, self.head_entry, packed=self.head_derived is not None)
+        if not self.stage.first:
+            return
         if self.tied and "head" in kept and self.head_derived is None:
             # the decoded head is the embedding matrix: look rows up in it rather than in the records
             emb = self.model.get_submodule(self.arch.embed)
             emb._parameters["weight"] = self.model.get_submodule(head_path).weight
         else:
             self._hooks += lookup_embeddings(self.model.get_submodule(self.arch.embed), self.loader, self.embed_entry, self.dtype)
-        for i in self.plan.resident_layers:
-            assign(self.model, self.loader.keep_layer(i), self.targets)
 
     # -- streamed layers -------------------------------------------------------------------
     def _release(self, i: int) -> None:
@@ -306,6 +327,25 @@ class StreamingModel:
             raise
 
     @torch.inference_mode()
+    def run_stage(self, inputs: torch.Tensor, **kwargs):
+        """This stage's part of a forward pass (transformers' own forward over its layers):
+        ``inputs`` are token ids ``[batch, seq]`` on the first stage, else the hidden states
+        ``[batch, seq, hidden]`` the stage before gave. Returns the model's output (logits and
+        cache) on the last stage, else the hidden states after this stage's last layer."""
+        if self.stage.is_whole:
+            return self.forward(inputs, **kwargs)
+        feed = {"input_ids": inputs} if self.stage.first else {"inputs_embeds": inputs}
+        try:
+            if self.stage.last:
+                return self.model(**feed, **kwargs)
+            kwargs.pop("logits_to_keep", None)
+            base = self.model.get_submodule(self.arch.layers.rsplit(".", 1)[0])
+            return base(**feed, **kwargs).last_hidden_state
+        except BaseException:
+            self._abandon_pass()
+            raise
+
+    @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Float logits ``[batch, seq, vocab]`` for validation."""
         if input_ids.ndim == 1:
@@ -321,3 +361,55 @@ class StreamingModel:
         if self.derived is not None:
             self.derived.close()
             self.derived = None
+
+
+class StageLayers(nn.Module):
+    """The decoder layers a stage holds, under their own indices (``model.layers.12`` stays
+    ``model.layers.12``), so weights find their modules by name; sliced and iterated like the
+    ``ModuleList`` it stands in for, it gives transformers' forward only these layers."""
+
+    def __init__(self, layers: dict[int, nn.Module]) -> None:
+        super().__init__()
+        for i, m in layers.items():
+            self.add_module(str(i), m)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return list(self._modules.values())[idx]
+        return self._modules[str(idx)]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def _keep_stage_layers(model: nn.Module, arch: ArchSpec, stage: Stage) -> StageLayers:
+    """Drop the layers outside ``stage`` from the skeleton (and, before the last stage, the
+    final norm: a stage hands on the residual stream as its last layer left it)."""
+    parent_name, attr = arch.layers.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    full = getattr(parent, attr)
+    kept = StageLayers({i: full[i] for i in stage.layers})
+    setattr(parent, attr, kept)
+    if not stage.last:
+        norm_parent, norm_attr = arch.norm.rsplit(".", 1)
+        setattr(model.get_submodule(norm_parent), norm_attr, nn.Identity())
+    return kept
+
+
+def _stage_layout(layout: dict, stage: Stage, head_name: str) -> dict:
+    """The derived (packed int4) tensors a stage uses: its layers', the head on the last stage."""
+    if stage.is_whole:
+        return layout
+    out = {}
+    for g, items in layout.items():
+        i = layer_index(g)
+        if i is not None:
+            keep = items if i in stage.layers else []
+        else:
+            keep = [d for d in items if (stage.last if d.sources == (head_name,) else stage.first)]
+        if keep:
+            out[g] = keep
+    return out

@@ -122,14 +122,17 @@ class BlockPool:
             an fp16 scale per token and head, see :func:`quantize_kv`).
         on_evict: called with (hash, block tensor) before a cached block is reused for
             something else (the spill store's hook).
+        first_layer: the model layer the pool's first layer is (a pipeline stage's pool holds
+            the KV of its own layers ``first_layer .. first_layer + num_layers - 1``).
     """
 
     def __init__(self, num_blocks: int, *, num_layers: int, kv_heads: int, head_dim: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  dtype: torch.dtype = torch.float32, kv_dtype: KVDtype | str = KVDtype.AUTO, on_evict=None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", first_layer: int = 0) -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.block_size = block_size
+        self.first_layer = first_layer
         self.dtype = dtype
         self.kv_dtype = KVDtype(kv_dtype)
         self.quantized = self.kv_dtype is KVDtype.INT8
@@ -148,6 +151,11 @@ class BlockPool:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def layers(self) -> range:
+        """The model layers whose KV the pool holds."""
+        return range(self.first_layer, self.first_layer + self.data.shape[0])
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +177,7 @@ class BlockPool:
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store new tokens' KV at ``layer``: ``keys``/``values`` ``[heads, n, head_dim]`` go to
         ``slots`` ``[n]`` (``block index * block_size + offset``)."""
-        flat = self.data[layer].view(2, self.data.shape[2], -1, self.data.shape[-1])  # [2, heads, blocks * bs, width]
+        flat = self.data[layer - self.first_layer].view(2, self.data.shape[2], -1, self.data.shape[-1])  # [2, heads, blocks * bs, width]
         if self.quantized:
             keys, values = quantize_kv(keys), quantize_kv(values)
         flat[0, :, slots] = keys.to(flat.dtype)
@@ -178,7 +186,7 @@ class BlockPool:
     def read(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[heads, len(blocks) * block_size, head_dim]`` of ``blocks`` at ``layer``
         in the compute dtype (one gather; int8 blocks dequantized)."""
-        kv = self.data[layer].index_select(2, blocks)  # [2, heads, nblocks, bs, width]
+        kv = self.data[layer - self.first_layer].index_select(2, blocks)  # [2, heads, nblocks, bs, width]
         kv = kv.view(2, kv.shape[1], -1, kv.shape[-1])
         if self.quantized:
             kv = dequantize_kv(kv, self.dtype)
@@ -285,16 +293,22 @@ class PagedLayer(CacheLayerMixin):
 
 
 class PagedKVCache(Cache):
-    """A transformers ``Cache`` over one :class:`Sequence` of a :class:`BlockPool`."""
+    """A transformers ``Cache`` over one :class:`Sequence` of a :class:`BlockPool` (for the
+    layers the pool holds; any other layer, run by another pipeline stage, is a dummy)."""
 
     def __init__(self, pool: BlockPool, seq: Sequence, num_layers: int, cached_tokens: int = 0) -> None:
         self.pool, self.seq = pool, seq
         self._idx: torch.Tensor | None = None
-        self.lengths = [cached_tokens] * num_layers
-        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+        self.lengths = {i: cached_tokens for i in pool.layers}
+        super().__init__(layers=stage_layers(num_layers, pool.layers, lambda i: PagedLayer(self, i)))
 
     def length(self, layer: int) -> int:
         return self.lengths[layer]
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens whose KV every layer of the cache holds."""
+        return min(self.lengths.values())
 
     def ensure_capacity(self, tokens: int) -> None:
         while len(self.seq.blocks) * self.pool.block_size < tokens:
@@ -310,14 +324,14 @@ class PagedKVCache(Cache):
                 (its blocks are shared and keyed by their tokens).
         """
         bs = self.pool.block_size
-        if not len(self.seq.hashes) * bs <= tokens <= min(self.lengths):
-            raise ValueError(f"cannot truncate a cache of {min(self.lengths)} tokens to {tokens}: keep between the "
+        if not len(self.seq.hashes) * bs <= tokens <= self.held_tokens:
+            raise ValueError(f"cannot truncate a cache of {self.held_tokens} tokens to {tokens}: keep between the "
                              f"{len(self.seq.hashes) * bs} reused prefix tokens and what it holds")
         keep = -(-tokens // bs)
         for b in self.seq.blocks[keep:]:
             self.pool.release(b)
         del self.seq.blocks[keep:]
-        self.lengths = [tokens] * len(self.lengths)
+        self.lengths = dict.fromkeys(self.lengths, tokens)
         self._idx = None  # the table changed: a block added later may take another index
 
     def _index(self, nblocks: int) -> torch.Tensor:
@@ -391,7 +405,7 @@ class PrefixCachingSession:
         """After a request: register its full blocks (``tokens`` = all tokens whose KV the
         cache holds), write them to the spill store, and release the sequence's blocks."""
         seq = cache.seq
-        held = min(len(tokens), min(cache.lengths))
+        held = min(len(tokens), cache.held_tokens)
         bs = self.pool.block_size
         hashes = self.hashes(tokens[:held])
         for i, h in enumerate(hashes):
@@ -403,6 +417,14 @@ class PrefixCachingSession:
             self.pool.release(b)
         seq.blocks = []
         logger.debug("request filed: %d full blocks of %d tokens", len(hashes), bs)
+
+
+def stage_layers(num_layers: int, held: range, make) -> list:
+    """A cache's layer list: ``make(i)`` for the layers in ``held``, transformers' dummy layer
+    (no KV, skipped when masks are sized) for the layers other pipeline stages run."""
+    from transformers.cache_utils import DummyLayer
+
+    return [make(i) if i in held else DummyLayer() for i in range(num_layers)]
 
 
 def check_paged(config) -> None:
@@ -426,13 +448,22 @@ def pool_for(model, *, kv_dtype: KVDtype | str = KVDtype.AUTO, block_size: int =
     fp32 one), so the same bytes hold about twice the tokens (four times)."""
     check_paged(model.config)
     layers, heads, dim = kv_shape(model.config)
-    kv_bytes = model.context_tokens * kv_token_bytes(model.config, model.dtype)
-    per_block = block_size * kv_token_bytes(model.config, model.dtype, kv_dtype)
+    stage = getattr(model, "stage", None)  # a pipeline stage holds its own layers' KV
+    held = stage.layers if stage is not None else range(layers)
     return BlockPool(
-        max(1, kv_bytes // per_block), block_size=block_size, num_layers=layers, kv_heads=heads, head_dim=dim,
-        dtype=model.dtype, kv_dtype=kv_dtype,
+        pool_blocks(model, kv_dtype=kv_dtype, block_size=block_size), block_size=block_size, num_layers=len(held),
+        kv_heads=heads, head_dim=dim, dtype=model.dtype, kv_dtype=kv_dtype, first_layer=held.start,
         device=getattr(model, "device", "cpu"),  # the GPU's memory for a CUDA model
     )
+
+
+def pool_blocks(model, *, kv_dtype: KVDtype | str = KVDtype.AUTO, block_size: int = DEFAULT_BLOCK_SIZE,
+                context_tokens: int | None = None) -> int:
+    """Blocks of a pool in the KV memory reserved for ``context_tokens`` (default the plan's) in the compute dtype."""
+    ctx = model.context_tokens if context_tokens is None else context_tokens
+    kv_bytes = ctx * kv_token_bytes(model.config, model.dtype)
+    per_block = block_size * kv_token_bytes(model.config, model.dtype, kv_dtype)
+    return max(1, kv_bytes // per_block)
 
 
 def prefix_session_for(model, *, spill=None, block_size: int = DEFAULT_BLOCK_SIZE,

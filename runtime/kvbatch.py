@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from runtime.kv import Block, BlockPool
+from runtime.kv import Block, BlockPool, stage_layers
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class StepLayout:
         mask: ``[1, 1, T, NB * block_size]`` additive (0 where a token may attend, the dtype's minimum elsewhere).
         position_ids: ``[1, T]`` each new token's position in its sequence.
         last: ``[B]`` index in ``[0, T)`` of each sequence's last new token.
+        parts: each sequence's (first new position, new tokens, block indices): what another
+            pipeline stage needs to lay out the same step over its own pool.
     """
 
     slots: torch.Tensor
@@ -47,6 +49,7 @@ class StepLayout:
     mask: torch.Tensor
     position_ids: torch.Tensor
     last: torch.Tensor
+    parts: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +69,7 @@ def step_layout(pool: BlockPool, parts: list[SeqSlice], dtype: torch.dtype) -> S
     if not parts:
         raise ValueError("a step needs at least one sequence")
     bs = pool.block_size
-    slots, blocks, q_seq, q_pos, k_seq, lasts = [], [], [], [], [], []
+    slots, blocks, q_seq, q_pos, k_seq, lasts, spans = [], [], [], [], [], [], []
     t = 0
     for i, p in enumerate(parts):
         if p.n < 1:
@@ -74,7 +77,9 @@ def step_layout(pool: BlockPool, parts: list[SeqSlice], dtype: torch.dtype) -> S
         nb = -(-(p.start + p.n) // bs)
         if len(p.blocks) < nb:
             raise ValueError(f"sequence {i} holds {len(p.blocks)} blocks; its {p.start + p.n} tokens need {nb}")
-        table = torch.tensor([b.index for b in p.blocks[:nb]])
+        indices = tuple(b.index for b in p.blocks[:nb])
+        spans.append((p.start, p.n, indices))
+        table = torch.tensor(indices)
         pos = torch.arange(p.start, p.start + p.n)
         slots.append(table[pos // bs] * bs + pos % bs)
         blocks.append(table)
@@ -98,6 +103,7 @@ def step_layout(pool: BlockPool, parts: list[SeqSlice], dtype: torch.dtype) -> S
         mask=mask[None, None].to(dev),
         position_ids=q_pos_t[None].to(dev),
         last=torch.tensor(lasts, device=dev),
+        parts=tuple(spans),
     )
 
 
@@ -142,7 +148,7 @@ class BatchedPagedCache(Cache):
 
     def __init__(self, pool: BlockPool, layout: StepLayout, num_layers: int) -> None:
         self.pool, self.layout = pool, layout
-        super().__init__(layers=[BatchedLayer(self, i) for i in range(num_layers)])
+        super().__init__(layers=stage_layers(num_layers, pool.layers, lambda i: BatchedLayer(self, i)))
 
 
 def forward_step(model, pool: BlockPool, layout: StepLayout, input_ids: torch.Tensor, keep: torch.Tensor):

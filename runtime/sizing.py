@@ -23,6 +23,50 @@ MIN_PREFILL_CHUNK = 16
 
 
 @dataclass(frozen=True)
+class Stage:
+    """The contiguous slice of decoder layers ``[start, stop)`` one process runs (a pipeline
+    stage, :mod:`runtime.pipeline`). The first stage also holds the token embeddings, the last
+    the final norm and the head; the whole model is the one stage ``[0, num_layers)``."""
+
+    start: int
+    stop: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop <= self.num_layers:
+            raise ValueError(f"a stage holds layers [start, stop) with 0 <= start < stop <= {self.num_layers}, "
+                             f"got [{self.start}, {self.stop})")
+
+    @classmethod
+    def whole(cls, num_layers: int) -> "Stage":
+        return cls(0, num_layers, num_layers)
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.num_layers
+
+    @property
+    def is_whole(self) -> bool:
+        return self.first and self.last
+
+    def describe(self) -> str:
+        parts = [f"layers {self.start}-{self.stop - 1} of {self.num_layers}"]
+        if self.first:
+            parts.append("embeddings")
+        if self.last:
+            parts.append("head")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class StreamingPlan:
     """The budget plan, what the model needs at its context (everything kept, and the least
     that streams), and the prefill chunk chosen."""
@@ -51,6 +95,11 @@ class ModelSizes:
     tied: bool
     dtype: torch.dtype
     derived: dict[str, list[DerivedTensor]] = field(default_factory=dict)
+    stage: Stage | None = None  # None: the whole model
+
+    @property
+    def part(self) -> Stage:
+        return self.stage or Stage.whole(self.num_layers)
 
     @property
     def element_size(self) -> int:
@@ -72,8 +121,12 @@ class ModelSizes:
         return rows * math.prod(e.shape[1:]) * self.element_size
 
     def chunk_elems(self) -> int:
-        """Elements of one chunk buffer: the largest embedding or head row chunk."""
-        return max(self.chunk_bytes(self.embed), self.chunk_bytes(self.head)) // self.element_size
+        """Elements of one chunk buffer: the largest embedding (first stage) or head (last stage) row chunk."""
+        return self.chunk_buffer_bytes() // self.element_size
+
+    def chunk_buffer_bytes(self) -> int:
+        part = self.part
+        return max([self.chunk_bytes(self.embed)] * part.first + [self.chunk_bytes(self.head)] * part.last, default=0)
 
     def layer_unit(self, i: int) -> Unit:
         g = self.groups[layer_group(i)]
@@ -95,14 +148,20 @@ class ModelSizes:
         return Unit("head", self.size(self.head), self.head.stored_bytes, uses_slot=False)
 
     def units(self) -> list[Unit]:
-        return [self.layer_unit(i) for i in range(self.num_layers)] + [self.head_unit()]
+        part = self.part
+        return [self.layer_unit(i) for i in part.layers] + [self.head_unit()] * part.last
+
+    def small_groups(self) -> tuple[str, ...]:
+        """The groups outside the layers this stage holds the small tensors of."""
+        part = self.part
+        return (EMBED_GROUP,) * part.first + (HEAD_GROUP,) * part.last
 
     def small_bytes(self) -> int:
         """Norms and biases outside the layers."""
-        return sum(self.size(t) for g in (EMBED_GROUP, HEAD_GROUP) for t in self.groups[g].tensors if t not in (self.embed, self.head))
+        return sum(self.size(t) for g in self.small_groups() for t in self.groups[g].tensors if t not in (self.embed, self.head))
 
     def largest_layer_tensor(self) -> int:
-        return max(self.size(t) for g in self.groups.values() if layer_index(g.name) is not None for t in g.tensors)
+        return max(self.size(t) for i in self.part.layers for t in self.groups[layer_group(i)].tensors)
 
 
 def plan_streaming(
@@ -118,12 +177,13 @@ def plan_streaming(
     budget = MemoryBudget(memory_budget)
     units = sizes.units()
     small = sizes.small_bytes()
-    kv_tok = kv_bytes_per_token(config, esize)
+    part = sizes.part
+    kv_tok = kv_bytes_per_token(config, esize) * len(part.layers) // part.num_layers  # a stage keeps its own layers' KV
     model_ctx = min(getattr(config, "max_position_embeddings", MAX_AUTO_CONTEXT) or MAX_AUTO_CONTEXT, MAX_AUTO_CONTEXT)
     mapping = page_cache is not None
     anon_weights = small + sum(u.resident_bytes - (u.mapped_bytes if mapping else 0) for u in units)
     mapped_weights = sum(u.mapped_bytes for u in units) if mapping else 0
-    chunk_buf = 2 * max(sizes.chunk_bytes(sizes.embed), sizes.chunk_bytes(sizes.head))
+    chunk_buf = 2 * sizes.chunk_buffer_bytes()
     streaming_fixed = {"chunk buffers": chunk_buf, "decode scratch": sizes.largest_layer_tensor()}
     slot = max(u.resident_bytes - (u.mapped_bytes if mapping else 0) for u in units if u.uses_slot)
 

@@ -377,7 +377,7 @@ def stream_speculative(model, input_ids: torch.Tensor, cfg, out, *, speculative,
         t2 = time.perf_counter()
         if prefix_cache is not None and cache is not None:
             held = prompt + new[:-1]  # every token but the last was fed; a stop inside a kept run leaves more in the KV
-            rollback(cache, min(len(held), min(cache.lengths)))
+            rollback(cache, min(len(held), cache.held_tokens))
             prefix_cache.finish(cache, held)
         mem.__exit__(None, None, None)
         stats.stop_reason = reason or "interrupted"
