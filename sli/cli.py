@@ -7,11 +7,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from cache.errors import CacheError
+from runtime.pipeline.world import PipelineError
 from cache.store import LayerStore
 from runtime.arch import UnsupportedArchitectureError
 from runtime.cuda import CudaUnavailableError
@@ -161,8 +163,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     SamplingConfig(max_new_tokens=a.max_new_tokens, **options)  # the checks every entry point makes, before anything loads
     check_stop(a.stop)
     proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, prefetch=a.prefetch, device=a.device, gpu_budget=a.gpu_budget,
-                      kv_dtype=a.kv_dtype)
-    proc.load()  # quantize if needed and open, before echoing the prompt
+                      kv_dtype=a.kv_dtype, pipeline=_pipeline_from_args(a))
+    model = proc.load()  # quantize if needed and open, before echoing the prompt
+    if _is_stage_worker(model):  # another rank of a pipeline: run its stage until rank 0 is done; print nothing
+        return model.run()
     proc.prefix_session()  # the KV pool and its spill store: what they say comes before the prompt too
     out = GenerationOutput()
     pieces = proc.stream(a.prompt, max_new_tokens=a.max_new_tokens, stop=a.stop, out=out, speculative=a.speculative,
@@ -173,7 +177,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print()
     s = out.stats
     print(
-        f"\n[{proc.model.plan.describe()}]\n"
+        f"\n[{model.describe() if hasattr(model, 'describe') else model.plan.describe()}]\n"
         f"[prompt {s.prompt_tokens} tokens, {s.new_tokens} new; first token {s.time_to_first_token_s:.2f}s; "
         f"prefill {s.prefill_tokens_per_s:.1f} tok/s; decode {s.decode_tokens_per_s:.2f} tok/s; "
         f"{format_size(s.bytes_read_per_token)} read per token; peak +{format_size(s.peak_rss_bytes)} during generation"
@@ -269,7 +273,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"sli serve: warning: listening on {a.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     config = EngineConfig(max_running=a.max_running, max_waiting=a.max_waiting, step_tokens=a.step_tokens,
                           itl_factor=a.itl_factor or None)
-    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype)
+    proc = _processor(a, memory_budget=a.memory_budget, dtype=a.dtype, context_tokens=a.context_tokens, kv_dtype=a.kv_dtype,
+                      pipeline=_pipeline_from_args(a))
+    if proc.pipeline is not None and int(os.environ.get("RANK", "0")) != 0:
+        try:  # another rank of a pipeline: run its stage until rank 0 stops
+            return proc.load().run()
+        finally:
+            proc.close()
     try:
         return serve(proc, host=a.host, port=a.port, api_key=a.api_key or None, model_name=a.served_model_name,
                      engine_config=config, shutdown_timeout_s=a.shutdown_timeout, max_body_bytes=a.max_body_bytes,
@@ -528,6 +538,39 @@ def _processor(a: argparse.Namespace, **kwargs):
     return UniversalSLIProcessor(a.model, quantization_config=plan, cache_dir=a.cache, **kwargs)
 
 
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    from runtime.pipeline import PipelineConfig, Split
+
+    d = PipelineConfig()
+    g = p.add_argument_group("pipeline (under torchrun: each rank runs a slice of the layers inside its own --memory-budget)")
+    g.add_argument("--pipeline-split", default=d.split.value, choices=[s.value for s in Split],
+                   help="layers per rank: equal slices, or in proportion to each rank's budget (default: %(default)s)")
+    g.add_argument("--pipeline-timeout", type=float, default=d.timeout_s,
+                   help="seconds after which a rank that does not answer is gone (default: %(default)s)")
+    g.add_argument("--pipeline-heartbeat", type=float, default=d.heartbeat_s,
+                   help="seconds between pings round the ring while idle (default: %(default)s)")
+    g.add_argument("--micro-batches", type=int, default=d.micro_batches,
+                   help="micro-batches a batched step is cut into (0: one per stage when every stage holds its layers)")
+    g.add_argument("--restart-grace", type=float, default=d.restart_grace_s,
+                   help="serve: seconds the server answers after a stage is lost before it exits for torchrun to restart it")
+
+
+def _pipeline_from_args(a: argparse.Namespace):
+    """The pipeline config when this process is a rank of a world (started by torchrun), else None."""
+    from runtime.pipeline import PipelineConfig, in_world
+
+    if not in_world():
+        return None
+    return PipelineConfig(timeout_s=a.pipeline_timeout, heartbeat_s=a.pipeline_heartbeat, split=a.pipeline_split,
+                          micro_batches=a.micro_batches, restart_grace_s=a.restart_grace)
+
+
+def _is_stage_worker(model) -> bool:
+    from runtime.pipeline.driver import StageWorker
+
+    return isinstance(model, StageWorker)
+
+
 def _copy_plan_args(sub: argparse._SubParsersAction, p: argparse.ArgumentParser, *, with_cache: bool) -> None:
     """Give ``p`` the quantize command's options that choose the variant."""
     for action in sub.choices["quantize"]._actions:
@@ -642,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_dtype(g)
     _add_speculative(g)
     _copy_plan_args(sub, g, with_cache=True)
+    _add_pipeline(g)
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, continuous batching under a memory budget")
     s.add_argument("model", help="model folder, .gguf, SmolLM2-135M-Instruct, or a cache directory")
@@ -663,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413 (default: %(default)s)")
+    _add_pipeline(s)
     s.set_defaults(func=cmd_serve)
     i = sub.add_parser("inspect", help="per-layer sizes, codecs, compression and errors of a cache")
     i.add_argument("cache", type=Path)
@@ -679,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ModelSourceError, CacheError, KernelError, UnsupportedArchitectureError, FileNotFoundError, ValueError,
-            CudaUnavailableError, ImportError) as e:
+            CudaUnavailableError, ImportError, PipelineError) as e:
         print(f"sli: error: {e}", file=sys.stderr)
         return 2
 

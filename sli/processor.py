@@ -76,6 +76,13 @@ class UniversalSLIProcessor:
             reused across processes (``None`` or 0: no spilling).
         kv_dtype: how the paged KV pool stores blocks: ``"auto"`` (the compute dtype) or
             ``"int8"`` (per-token, per-head scales: about twice the tokens in the same memory).
+        pipeline: run as one rank of a pipeline over ``torch.distributed``
+            (:class:`runtime.pipeline.PipelineConfig`; the world ``torchrun`` started): this
+            rank plans only its slice of the layers inside ``memory_budget``. On rank 0,
+            :attr:`model` runs every stage and everything else works as in one process (KV
+            spilling aside: another stage could not restore its part of a spilled block); on
+            every other rank, :attr:`model` is a :class:`runtime.pipeline.driver.StageWorker`
+            to ``run()``.
 
     Raises:
         ModelSourceError: the model is missing or malformed.
@@ -101,6 +108,7 @@ class UniversalSLIProcessor:
         page_cache: str | int | None = "auto",
         spill_limit: str | int | None = "1GiB",
         kv_dtype: str = "auto",
+        pipeline=None,
     ) -> None:
         if quantization_config is not None and adaptive_quantizer is not None:
             raise ValueError("give quantization_config or adaptive_quantizer, not both")
@@ -151,6 +159,9 @@ class UniversalSLIProcessor:
         if kv_dtype not in {k.value for k in KVDtype}:
             raise ValueError(f"kv_dtype must be one of {', '.join(k.value for k in KVDtype)}, got {kv_dtype!r}")
         self.kv_dtype = KVDtype(kv_dtype)
+        if pipeline is not None and device != "cpu":
+            raise ValueError("a pipeline runs its stages on the CPU for now (gloo); drop --device cuda, or run one process")
+        self.pipeline = pipeline
         self._prefix = None
         self._drafts: dict = {}
         self._spill = None
@@ -377,6 +388,14 @@ class UniversalSLIProcessor:
     def _open_model(self, vid: str) -> None:
         self._store = LayerStore(self.cache_dir, readonly=True)
         budget = self.memory_budget if self.memory_budget is not None else 1 << 50
+        if self.pipeline is not None:
+            from runtime.pipeline.driver import open_stage
+
+            self._model = open_stage(
+                self._store, vid, self.pipeline, memory_budget=budget, dtype=self.dtype, prefetch=self.prefetch,
+                context_tokens=self.context_tokens, readahead=self.readahead, page_cache=self.page_cache,
+            )
+            return
         if self.device == "cuda":
             from runtime.cuda import CudaStreamingModel
 
@@ -416,7 +435,9 @@ class UniversalSLIProcessor:
             from runtime.kv import prefix_session_for
 
             spill = None
-            if self.spill_limit:  # a read-only cache or a full disk spills elsewhere or not at all, and says so
+            if self.spill_limit and self.pipeline is not None:
+                logger.info("KV spill off in a pipeline: the other stages could not restore their part of a spilled block")
+            elif self.spill_limit:  # a read-only cache or a full disk spills elsewhere or not at all, and says so
                 spill = open_spill_store(self.cache_dir / "kv-spill", limit_bytes=self.spill_limit, fallback=self._spill_fallback())
             self._spill = spill
             self._prefix = prefix_session_for(self.load(), spill=spill, kv_dtype=self.kv_dtype)
@@ -490,6 +511,9 @@ class UniversalSLIProcessor:
             raise ValueError("draft= is the draft model of speculative='draft'; pass both, or neither")
         if spec is not None and spec.method is Speculative.DRAFT and draft is None:
             raise ValueError("speculative='draft' needs draft=, a small model with the same tokenizer (or 'int4': this model's own)")
+        if spec is not None and self.pipeline is not None:
+            raise ValueError("speculative decoding does not run over a pipeline yet (the other stages' KV would have to "
+                             "drop rejected tokens too); pass speculative=None")
         model = self.load()
         draft_model = self._draft(draft).load() if draft is not None else None
         tok = self.tokenizer

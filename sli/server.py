@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -107,6 +108,11 @@ def create_app(state: ServerState):
                 "kv_blocks": core.pool.num_blocks, "kv_blocks_free": len(core.pool.free), "kv_dtype": core.pool.kv_dtype.value,
                 "context_tokens": core.context_tokens, "engine": core.stats.to_dict(),
                 "memory": {**state.info.get("memory", {}), "anon_bytes": anon_rss_bytes()}}
+        pipeline = getattr(core.model, "health", None)
+        if pipeline is not None:  # a pipeline's stages: which layers live where, and whether one is gone
+            body["pipeline"] = pipeline()
+            if core.model.lost:
+                body["status"], alive = f"pipeline {body['pipeline']['error']}", False
         return JSONResponse(body, status_code=200 if alive else 503)
 
     async def models(request: Request) -> JSONResponse:
@@ -147,6 +153,10 @@ def create_app(state: ServerState):
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in parsed.requests]
         submitted: list[str] = []
+        lost = getattr(state.engine.core.model, "lost", None)
+        if lost:
+            raise APIError(503, f"the pipeline lost {lost}; serving resumes when torchrun re-forms the world",
+                           type="server_error", code="stage_lost", headers={"Retry-After": "10"})
         try:
             for req, q in zip(parsed.requests, queues):
                 if state.draining:
@@ -433,7 +443,8 @@ def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | N
         engine.drain()
 
     server = _uvicorn_server(create_app(state), host, port, shutdown_timeout_s, on_signal)
-    logger.info("%s", model.plan.describe())
+    exit_code = _exit_when_stage_lost(processor, model, server)
+    logger.info("%s", model.describe() if hasattr(model, "describe") else model.plan.describe())
     logger.info("engine: %d KV blocks of %d tokens (%s), up to %d running, %d waiting, %d tokens per request",
                 engine.core.pool.num_blocks, engine.core.pool.block_size, engine.core.pool.kv_dtype.value,
                 engine.core.max_running, engine.core.config.max_waiting, engine.core.context_tokens)
@@ -455,4 +466,23 @@ def serve(processor, *, host: str = LOOPBACK, port: int = 8000, api_key: str | N
         clean = engine.shutdown(timeout_s=0.0)
         if not clean:
             logger.warning("requests still running at shutdown were cancelled")
-    return 0 if server.started else 1
+    return exit_code[0] or (0 if server.started else 1)
+
+
+def _exit_when_stage_lost(processor, model, server) -> list[int]:
+    """A pipeline's server stops some seconds after a stage is lost (``/health`` says which
+    meanwhile) and exits with :data:`runtime.pipeline.driver.EXIT_STAGE_LOST`, so that
+    ``torchrun`` restarts the world. Returns the exit code's box (0 until then)."""
+    code = [0]
+    if getattr(model, "on_lost", None) is None:
+        return code
+    from runtime.pipeline.driver import EXIT_STAGE_LOST
+
+    def lost(message: str) -> None:
+        code[0] = EXIT_STAGE_LOST
+        grace = processor.pipeline.restart_grace_s
+        logger.error("pipeline: %s; the server stops in %.0f s for torchrun to re-form the world", message, grace)
+        threading.Timer(grace, lambda: setattr(server, "should_exit", True)).start()
+
+    model.on_lost.append(lost)
+    return code

@@ -114,7 +114,7 @@ def open_stage(store, variant_id: str, config: PipelineConfig, *, memory_budget,
         world.close()
         msg = "; ".join(f"rank {r} ({split_layers(num_layers, [float(w) for w in weights])[r].describe()}): {i}" for r, i in failed)
         raise PipelineError(f"the pipeline could not start: {msg}") from error
-    for i in infos:
+    for i in infos if world.rank == 0 else [infos[world.rank]]:
         logger.info("%s", i.describe())
     if world.rank == 0:
         return PipelineModel(local, world, infos)

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from enum import Enum
 
@@ -60,6 +61,9 @@ class PipelineConfig:
         micro_batches: micro-batches a batched step is cut into so that every stage computes
             at once (0: one per stage when every stage holds its layers, else 1; 1: none).
         backend: ``torch.distributed`` backend (default: gloo).
+        restart_grace_s: after a stage is lost, how long rank 0's server keeps answering
+            (``/health`` naming the stage, 503 to requests) before it exits for ``torchrun`` to
+            re-form the world.
     """
 
     timeout_s: float = 60.0
@@ -67,6 +71,7 @@ class PipelineConfig:
     split: Split = Split.EQUAL
     micro_batches: int = 0
     backend: str = "gloo"
+    restart_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.heartbeat_s <= 0:
@@ -99,8 +104,8 @@ def split_layers(num_layers: int, weights: list[float]) -> list[Stage]:
     total = sum(weights)
     exact = [num_layers * w / total for w in weights]
     counts = [max(1, int(x)) for x in exact]
-    while sum(counts) > num_layers:  # the minimum of one layer each took some from the largest
-        i = max(range(n), key=lambda j: counts[j] - exact[j])
+    while sum(counts) > num_layers:  # the minimum of one layer each took some: give back from the largest
+        i = min((j for j in range(n) if counts[j] > 1), key=lambda j: (exact[j] - counts[j], -j))
         counts[i] -= 1
     for i in sorted(range(n), key=lambda j: exact[j] - counts[j], reverse=True)[: num_layers - sum(counts)]:
         counts[i] += 1
@@ -123,8 +128,11 @@ class World:
         self.config = config
         self._owned = not dist.is_initialized()
         if self._owned:
-            kwargs = {} if rank is None else {"rank": rank, "world_size": size}
-            dist.init_process_group(config.backend, timeout=datetime.timedelta(seconds=START_TIMEOUT_S), **kwargs)
+            rank = int(os.environ["RANK"]) if rank is None else rank
+            size = int(os.environ["WORLD_SIZE"]) if size is None else size
+            store = _world_store(rank, size)
+            dist.init_process_group(config.backend, store=store, rank=rank, world_size=size,
+                                    timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         # neighbours' messages wait at most timeout_s: a rank that stopped answering is found in bounded time
         self.ring = dist.new_group(list(range(self.size)), timeout=datetime.timedelta(seconds=config.timeout_s),
@@ -178,11 +186,60 @@ class World:
 
     def close(self) -> None:
         self._stop.set()
+        if self._beat_thread.is_alive() and self._beat_thread is not threading.current_thread():
+            self._beat_thread.join(timeout=self.config.heartbeat_s)
         if self._owned and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken world cannot be torn down cleanly; the process ends anyway
                 logger.debug("destroying the process group failed", exc_info=True)
+
+
+def _world_store(rank: int, size: int):
+    """This world's store: the rendezvous store under a prefix that only this formation of
+    the world uses.
+
+    torchrun's agents keep one store across restarts, so keys the ranks of a world before left
+    there (each rank's gloo address among them) would lead a restarted rank to a process that
+    is gone. Rank 0 clears the handshake keys, then answers each rank's hello (which the rank
+    repeats until answered) with a fresh token; every rank then uses the prefix of that token.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
+    base = dist.TCPStore(host, port, size, is_master=rank == 0 and not agent, timeout=timeout, multi_tenant=not agent)
+    if size == 1:
+        return dist.PrefixStore(f"sli/{uuid.uuid4().hex}/", base)
+    me = uuid.uuid4().hex
+    deadline = time.monotonic() + START_TIMEOUT_S
+    if rank == 0:
+        for r in range(1, size):
+            for k in (f"sli/hello/{r}", f"sli/ready/{r}", f"sli/ack/{r}"):
+                base.delete_key(k)
+        pending = set(range(1, size))
+        while pending:
+            for r in list(pending):
+                if base.check([f"sli/hello/{r}"]):
+                    hello = base.get(f"sli/hello/{r}").decode()
+                    base.set(f"sli/ack/{r}", f"{hello}|{me}")
+                    if base.check([f"sli/ready/{r}"]) and base.get(f"sli/ready/{r}").decode() == hello:
+                        pending.discard(r)
+            if time.monotonic() > deadline:
+                raise PipelineError(f"ranks {sorted(pending)} did not join within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+        token = me
+    else:
+        while True:
+            base.set(f"sli/hello/{rank}", me)
+            if base.check([f"sli/ack/{rank}"]):
+                hello, _, token = base.get(f"sli/ack/{rank}").decode().partition("|")
+                if hello == me:
+                    base.set(f"sli/ready/{rank}", me)
+                    break
+            if time.monotonic() > deadline:
+                raise PipelineError(f"rank 0 did not answer within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+    return dist.PrefixStore(f"sli/{token}/", base)
 
 
 def _default_store():
