@@ -202,10 +202,10 @@ part_model_1b() {
     fi
     if [ ! -f "$GGUF_1B" ]; then
         local quantize=""
-        for isa in best "${LLAMA_ISAS[@]}"; do
+        for isa in best "${LLAMA_ISAS[@]}" rpc-avx2; do  # the RPC build's quantizer too: same source
             [ -x "$PEERS/llama.cpp/$isa/bin/llama-quantize" ] && { quantize=$PEERS/llama.cpp/$isa/bin/llama-quantize; break; }
         done
-        [ -n "$quantize" ] || die "no llama-quantize: run \`scripts/setup_peers.sh llama\` first"
+        [ -n "$quantize" ] || die "no llama-quantize: run \`scripts/setup_peers.sh llama\` (or llama-rpc) first"
         say "llama.cpp's Q4_0 of it: convert_hf_to_gguf.py (bf16, in venv-bench), then $quantize Q4_0"
         venv_bench_install
         local bf16=$SLI_HOME/scale-1b/llama-1b-shape.bf16.gguf
