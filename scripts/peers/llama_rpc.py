@@ -169,6 +169,12 @@ def vm_hwm_mb(pid: int) -> float:
     raise OSError(f"/proc/{pid}/status has no VmHWM line")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reap(proc: subprocess.Popen, timeout: float) -> tuple[int, dict]:
     """Wait for ``proc`` with wait4: its exit status and its own rusage (peak RSS, CPU time)."""
     deadline = time.monotonic() + timeout
@@ -309,6 +315,7 @@ BUF_RE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s*([\d.]+) MiB")
 def run_main(cmd: list[str], *, servers: list[Server], limit: int, tag: str, logdir: Path, timeout: int) -> dict:
     """One fresh main process: its output, rusage, cgroup peak, the buffers llama.cpp logged
     and each server's resident peak so far."""
+    cpu0 = [cpu_seconds(s.proc.pid) for s in servers]
     cg = Cgroup(limit, tag) if limit else None
     log, out = logdir / f"{tag}.log", logdir / f"{tag}.out"
     t0 = time.monotonic()
@@ -319,8 +326,9 @@ def run_main(cmd: list[str], *, servers: list[Server], limit: int, tag: str, log
     wall = time.monotonic() - t0
     for s in servers:
         s.hwm_mb.append(round(vm_hwm_mb(s.proc.pid), 1))
+    servers_cpu = [round(cpu_seconds(s.proc.pid) - c, 2) for s, c in zip(servers, cpu0)]
     text = log.read_text()
-    res = {"cmd": cmd, "exit": rc, "wall_s": round(wall, 2), "main": ru,
+    res = {"cmd": cmd, "exit": rc, "wall_s": round(wall, 2), "main": ru, "servers_cpu_s": servers_cpu,
            "buffers_mib": [{"buffer": b, "kind": k, "mib": float(m)} for b, k, m in BUF_RE.findall(text)]}
     if cg:
         res["main"]["cgroup_peak_mb"] = round((cg.peak_bytes() or 0) / 2**20, 1)
@@ -398,7 +406,7 @@ def measure(a: argparse.Namespace) -> dict:
             r = go(f"batched-b{b}", batched_cmd(dist, b))
             row = r["row"] = batched_row(r.pop("stdout"), b)
             r.update(decode_tok_s=round(row["speed_tg"], 3), prefill_tok_s=round(row["speed_pp"], 3))  # B*T / decode time
-        if servers:  # the wire, through counting relays (untimed)
+        if servers and a.wire:  # the wire, through counting relays (untimed)
             relays = [Relay(s.port) for s in servers]
             try:
                 wdist = rpc_dist([rl.port for rl in relays])
@@ -445,6 +453,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each process")
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds one main process may run")
+    ap.add_argument("--no-wire", dest="wire", action="store_false", help="skip the runs through the counting relays")
     ap.add_argument("--logs", default="llama-rpc-logs", help="folder for every process's log")
     a = ap.parse_args()
     if a.tokens < 2:
