@@ -24,7 +24,9 @@ Measured for each run, every run a fresh main process (the RPC servers stay up a
 - memory: each process's peak resident set (``wait4``'s ``ru_maxrss`` for the main process, the
   server's ``VmHWM`` after each run (a running peak) and ``ru_maxrss`` at its end) and CPU time (user + system),
   and with ``--limit-mb`` the peak of the memory cgroup each process runs in (v1 or v2; the
-  limit covers anonymous memory and page cache together, as in sli/bench_scale.py).
+  limit covers anonymous memory and page cache together, as in sli/bench_scale.py; a page is
+  charged to the cgroup that first reads it, so without ``--cold`` the GGUF's cached pages
+  are not in the main process's figure, though its resident set counts them).
 
 ``--local`` runs the same measurements in one process without RPC (the baseline). The result is
 one JSON object on stdout, with the exact commands; progress goes to stderr. Stdlib only::
@@ -312,9 +314,23 @@ def stop_server(s: Server) -> dict:
 BUF_RE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s*([\d.]+) MiB")
 
 
-def run_main(cmd: list[str], *, servers: list[Server], limit: int, tag: str, logdir: Path, timeout: int) -> dict:
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a file's clean pages (posix_fadvise DONTNEED), so the next reader pays for them and
+    its cgroup is charged for them (a page is charged to the cgroup that first reads it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def run_main(cmd: list[str], *, servers: list[Server], limit: int, tag: str, logdir: Path, timeout: int,
+             cold: Path | None = None) -> dict:
     """One fresh main process: its output, rusage, cgroup peak, the buffers llama.cpp logged
-    and each server's resident peak so far."""
+    and each server's resident peak so far. ``cold``: a file dropped from the page cache first."""
+    if cold:
+        drop_from_page_cache(cold)
     cpu0 = [cpu_seconds(s.proc.pid) for s in servers]
     cg = Cgroup(limit, tag) if limit else None
     log, out = logdir / f"{tag}.log", logdir / f"{tag}.out"
@@ -360,7 +376,7 @@ def measure(a: argparse.Namespace) -> dict:
     th, m = str(a.threads), ["-m", str(gguf)]
     bb = str(bin_dir / "llama-batched-bench")
 
-    res: dict = {"gguf": str(gguf), "n_layer": n_layer, "bin": str(bin_dir), "threads": a.threads,
+    res: dict = {"gguf": str(gguf), "n_layer": n_layer, "bin": str(bin_dir), "threads": a.threads, "cold": a.cold,
                  "limit_mb": a.limit_mb, "tokens": a.tokens, "prompt": a.prompt, "batches": batches,
                  "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "kernel": platform.release(),
                           "loadavg_at_start": os.getloadavg()}, "logs": str(logdir)}
@@ -369,7 +385,8 @@ def measure(a: argparse.Namespace) -> dict:
 
     def go(name: str, cmd: list[str]) -> dict:
         logger.info("%s: %s", name, " ".join(cmd))
-        r = run_main(cmd, servers=servers, limit=limit, tag=name, logdir=logdir, timeout=a.timeout)
+        r = run_main(cmd, servers=servers, limit=limit, tag=name, logdir=logdir, timeout=a.timeout,
+                     cold=gguf if a.cold else None)
         runs[name] = r
         logger.info("%s: %.1f s, main peak RSS %.0f MB", name, r["wall_s"], r["main"]["peak_rss_mb"])
         return r
@@ -453,6 +470,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each process")
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds one main process may run")
+    ap.add_argument("--cold", action="store_true", help="drop the GGUF from the page cache before each run "
+                    "(then each main process's cgroup is charged for the file pages it reads)")
     ap.add_argument("--no-wire", dest="wire", action="store_false", help="skip the runs through the counting relays")
     ap.add_argument("--logs", default="llama-rpc-logs", help="folder for every process's log")
     a = ap.parse_args()
