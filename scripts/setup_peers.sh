@@ -11,12 +11,16 @@
 #                  llama.cpp/best (LLAMA_CPP_LIB_PATH) and the converter's requirements
 #   model-1b       the random model in Llama-3.2-1B's shapes and llama.cpp's own Q4_0 of it, where
 #                  `sli bench --scale 1b` looks for them (needs one llama.cpp build)
+#   llama-rpc      llama.cpp once more from the same source with its RPC backend (ggml-rpc-server,
+#                  llama-bench, llama-batched-bench), AVX2 flags, into llama.cpp/rpc-avx2: the
+#                  pipeline benchmark's peer (scripts/peers/llama_rpc.py drives it)
 #   llmcompressor  venv-llmcompressor: llm-compressor on the CPU torch (GPTQ, AWQ)
 #   airllm         AirLLM in venv-bench (it keeps sli's transformers and torch), checked on the real model
 #   lmeval         lm-eval-harness (local-completions) in venv-bench
 #
 #   scripts/setup_peers.sh                 # everything
 #   scripts/setup_peers.sh llama model-1b  # only these parts
+#   scripts/setup_peers.sh llama-rpc       # the RPC build (only when named: not part of "everything")
 #
 # Idempotent: a part whose result exists is skipped (FORCE=1 redoes it). At the end it writes
 # $SLI_HOME/peers/peers.json (paths and versions) and prints it. JOBS (default 2) compiles.
@@ -126,6 +130,35 @@ gguf_real() {  # the real model's Q4_1 GGUF (fetched by `sli fetch-model`)
     "$py" -m sli.cli fetch-model --gguf | tail -1
 }
 
+# -- llama.cpp with RPC: the pipeline benchmark's peer ------------------------------------------------
+# One build, AVX2 flags (the native and AVX-512 builds of this version have crashed on this host),
+# the RPC backend on. This version names the server target ggml-rpc-server (tools/rpc), and its
+# llama-cli is a chat client built on the server's code: llama-completion is the plain completion
+# tool, and llama-batched-bench times several sequences decoding together. Compiled under
+# nice -n 19: the host is shared.
+LLAMA_RPC_DIR=$PEERS/llama.cpp/rpc-avx2
+LLAMA_RPC_TARGETS=(ggml-rpc-server llama-bench llama-batched-bench llama-quantize llama-completion)
+part_llama_rpc() {
+    need_tools
+    llama_source
+    local flags="-DGGML_RPC=ON ${LLAMA_FLAGS[avx2]}" dir=$LLAMA_RPC_DIR
+    if [ "$FORCE" != 1 ] && [ -f "$dir/.built" ] && [ "$(cat "$dir/.built")" = "$flags" ]; then
+        echo "llama.cpp/rpc-avx2: built" >&2; return 0
+    fi
+    say "building llama.cpp/rpc-avx2 ($flags), nice -n 19 -j$JOBS; log: $dir/build.log"
+    mkdir -p "$dir"; rm -f "$dir/.built" "$dir/.failed"
+    # shellcheck disable=SC2086
+    if CCACHE_BASEDIR=$PEERS CCACHE_DIR=$PEERS/ccache \
+        cmake -S "$LLAMA_SRC" -B "$dir" "${LLAMA_COMMON[@]}" $flags >"$dir/build.log" 2>&1 &&
+        CCACHE_BASEDIR=$PEERS CCACHE_DIR=$PEERS/ccache \
+        nice -n 19 cmake --build "$dir" -j "$JOBS" --target "${LLAMA_RPC_TARGETS[@]}" >>"$dir/build.log" 2>&1; then
+        echo "$flags" >"$dir/.built"
+    else
+        echo "build failed, see $dir/build.log" >"$dir/.failed"; tail -20 "$dir/build.log" >&2
+        die "the llama.cpp RPC build failed (log: $dir/build.log)"
+    fi
+}
+
 # -- venv-bench: sli + the binding on llama.cpp/best + the converter ------------------------------
 venv_bench_install() {  # everything but the check, which needs llama.cpp/best
     local py=$BENCH_VENV/bin/python
@@ -169,10 +202,10 @@ part_model_1b() {
     fi
     if [ ! -f "$GGUF_1B" ]; then
         local quantize=""
-        for isa in best "${LLAMA_ISAS[@]}"; do
+        for isa in best "${LLAMA_ISAS[@]}" rpc-avx2; do  # the RPC build's quantizer too: same source
             [ -x "$PEERS/llama.cpp/$isa/bin/llama-quantize" ] && { quantize=$PEERS/llama.cpp/$isa/bin/llama-quantize; break; }
         done
-        [ -n "$quantize" ] || die "no llama-quantize: run \`scripts/setup_peers.sh llama\` first"
+        [ -n "$quantize" ] || die "no llama-quantize: run \`scripts/setup_peers.sh llama\` (or llama-rpc) first"
         say "llama.cpp's Q4_0 of it: convert_hf_to_gguf.py (bf16, in venv-bench), then $quantize Q4_0"
         venv_bench_install
         local bf16=$SLI_HOME/scale-1b/llama-1b-shape.bf16.gguf
@@ -227,10 +260,11 @@ for p in "${parts[@]}"; do
         llama) part_llama ;;
         venv-bench) part_venv_bench ;;
         model-1b) part_model_1b ;;
+        llama-rpc) part_llama_rpc ;;
         llmcompressor) part_llmcompressor ;;
         airllm) part_airllm ;;
         lmeval) part_lmeval ;;
-        *) die "unknown part '$p' (llama, venv-bench, model-1b, llmcompressor, airllm, lmeval)" ;;
+        *) die "unknown part '$p' (llama, venv-bench, model-1b, llama-rpc, llmcompressor, airllm, lmeval)" ;;
     esac
 done
 "$PYTHON" "$REPO/scripts/peers/write_peers_json.py" --peers "$PEERS" --sli-home "$SLI_HOME" --llama-src "$LLAMA_SRC"

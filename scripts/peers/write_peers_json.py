@@ -53,6 +53,16 @@ def main() -> None:
         }
     else:
         info["llama.cpp"] = {"missing": "scripts/setup_peers.sh llama"}
+    rpc = llama / "rpc-avx2"
+    if (rpc / ".built").exists():
+        info["llama.cpp-rpc"] = {"dir": str(rpc), "flags": (rpc / ".built").read_text().strip(),
+                                 "bin": {n: str(rpc / "bin" / n) for n in ("ggml-rpc-server", "llama-bench",
+                                                                           "llama-batched-bench", "llama-quantize",
+                                                                           "llama-completion")
+                                         if (rpc / "bin" / n).exists()},
+                                 "measure": "scripts/peers/llama_rpc.py"}
+    else:
+        info["llama.cpp-rpc"] = {"missing": "scripts/setup_peers.sh llama-rpc"}
     info["venv-bench"] = venv(p / "venv-bench", ["torch", "transformers", "sli", "llama_cpp_python", "lm_eval",
                                                   "airllm", "gguf", "sentencepiece", "matplotlib"], "venv-bench")
     info["venv-llmcompressor"] = venv(p / "venv-llmcompressor", ["torch", "transformers", "llmcompressor",
