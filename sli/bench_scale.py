@@ -147,7 +147,7 @@ class MemoryCgroup:
     """A child memory cgroup of this process's own (v1 or v2) with a hard limit; processes
     started through :meth:`wrap` run inside it. Raises OSError where none can be made."""
 
-    def __init__(self, limit_bytes: int, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, limit_bytes: int, root: Path = CGROUP_ROOT, *, tag: str = "") -> None:
         own = own_cgroups(Path("/proc/self/cgroup"))
         if "memory" in own and (root / "memory").is_dir():
             self.version, parent = 1, root / "memory" / own["memory"].lstrip("/")
@@ -157,7 +157,7 @@ class MemoryCgroup:
             files = {"memory.max": limit_bytes, "memory.swap.max": 0}
         else:
             raise OSError("this host offers no memory cgroup (neither v1's memory controller nor v2)")
-        self.path = parent / f"sli-bench-{os.getpid()}-{limit_bytes >> 20}m"
+        self.path = parent / f"sli-bench-{os.getpid()}-{limit_bytes >> 20}m{tag}"
         self.limit_bytes = limit_bytes
         self.path.mkdir(exist_ok=True)
         for name, value in files.items():

@@ -408,6 +408,32 @@ def cmd_bench_quality(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pipeline(a: argparse.Namespace) -> int:
+    from sli.bench_pipeline import PipelineBenchConfig, run_pipeline_bench, write_outputs
+
+    cfg = PipelineBenchConfig(out_dir=a.out if a.out != "bench-results" else "docs/results")
+    if a.shapes:
+        cfg.shapes = tuple(x for x in a.shapes.split(",") if x)
+    if a.splits:  # 8b=4x2GB,1b=2x400MB
+        for item in a.splits.split(","):
+            shape, _, rest = item.partition("=")
+            n, _, budget = rest.partition("x")
+            cfg.splits[shape] = (int(n), budget)
+    unknown = [s for s in cfg.shapes if s not in cfg.splits]
+    if unknown:
+        raise ValueError(f"--pipeline: no split for {unknown}; give --splits SHAPE=RANKSxBUDGET")
+    if a.clients:
+        cfg.batch_sizes = tuple(int(x) for x in a.clients.split(","))
+    if a.new_tokens_scale:
+        cfg.new_tokens = a.new_tokens_scale
+    if a.workdir:
+        cfg.workdir = a.workdir
+    res = run_pipeline_bench(cfg, progress=lambda m: print(f"[bench --pipeline] {m}", file=sys.stderr, flush=True))
+    paths = write_outputs(res, cfg.out_dir)
+    print(Path(paths["markdown"]).read_text())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from sli.bench import BenchConfig, run_bench, write_outputs
     from sli.offline.fetch import resolve_model, sli_home
@@ -418,6 +444,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return cmd_bench_serve(a)
     if a.quality:
         return cmd_bench_quality(a)
+    if a.pipeline:
+        return cmd_bench_pipeline(a)
 
     cfg = BenchConfig(
         model=str(resolve_model(a.model)),
@@ -635,8 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keep", action="store_true", help="--scale: keep what the run made")
     b.add_argument("--serve", action="store_true",
                    help="sli serve under 1/4/16 concurrent clients beside llama-server, cold in a cgroup (see sli.bench_serve)")
-    b.add_argument("--shapes", default=None, help="--serve: models, comma-separated: 1b, 8b (the scale models), real (default 1b,8b)")
-    b.add_argument("--clients", default=None, help="--serve: concurrent clients, comma-separated (default 1,4,16)")
+    b.add_argument("--pipeline", action="store_true",
+                   help="the scale models split over ranks (each a process in its own cgroup, loopback), beside one process "
+                        "streaming at one rank's budget and one holding everything (see sli.bench_pipeline)")
+    b.add_argument("--splits", default=None, help="--pipeline: SHAPE=RANKSxBUDGET pairs (default 1b=2x400MB,8b=4x2GB)")
+    b.add_argument("--shapes", default=None, help="--serve, --pipeline: models, comma-separated: 1b, 8b (the scale models), real (default 1b,8b)")
+    b.add_argument("--clients", default=None, help="--serve: concurrent clients; --pipeline: sequences in the batch (default 1,4,16)")
     b.add_argument("--requests-per-client", type=int, default=None, help="--serve: requests each client sends (default 2)")
     b.add_argument("--llama-server", default=None, help="--serve: llama.cpp's llama-server binary")
     b.add_argument("--warm", action="store_true", help="--serve: no cgroup limit, page cache left as it is")

@@ -301,3 +301,41 @@ def test_torchrun_restarts_the_world_and_serving_resumes(caches, tmp_path):
                 a.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(a.pid, signal.SIGKILL)
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_pipeline_runs_every_point_and_reports_ratios(tmp_path, caches):
+    """`sli bench --pipeline` on the tiny model: one process in RAM, one streaming at one rank's
+    budget in a cgroup, two ranks in cgroups of their own; the pipeline's greedy tokens equal
+    the in-RAM process's at every batch size, and every rank's bytes on the wire are counted."""
+    import shutil
+
+    from sli.bench_pipeline import PipelineBenchConfig, markdown, run_pipeline_bench
+    from sli.bench_scale import MemoryCgroup
+
+    try:
+        MemoryCgroup(1 << 30, tag="-probe").close()
+    except OSError as e:
+        pytest.skip(f"this host offers no memory cgroup: {e}")
+    work = tmp_path / "scale-tiny"
+    work.mkdir()
+    shutil.copytree(caches["model"], work / "llama-tiny-shape")
+    r = UniversalSLIProcessor(work / "llama-tiny-shape", quantization_config=QuantizationConfig(mode="int4"),
+                              cache_dir=work / "cache-int4", progress=False).quantize()
+    assert r.variant_id
+    cfg = PipelineBenchConfig(shapes=("tiny",), splits={"tiny": (2, "48MB")}, batch_sizes=(1, 3), prompt_tokens=8,
+                              new_tokens=5, workdir=str(tmp_path), out_dir=str(tmp_path / "out"), llama_rpc=False, timeout_s=300)
+    res = run_pipeline_bench(cfg)
+    s = res["shapes"]["tiny"]
+    ram, stream, pipe = s["in_ram"], s["streaming"], s["pipeline"]
+    assert not ram["error"] and not stream["error"] and all(not p["error"] for p in pipe), (ram, stream, pipe)
+    assert [p["batch"] for p in pipe[0]["points"]] == [1, 3]
+    for pr, rr in zip(pipe[0]["points"], ram["points"]):
+        assert pr["decode_tok_s"] > 0 and pr["tokens"] == rr["tokens"] and len(pr["tokens"]) == pr["batch"]
+        assert [w["rank"] for w in pr["wire"]] == [0, 1] and all(w["bytes_sent_per_token"] > 0 for w in pr["wire"])
+    assert [st["layers"] for st in pipe[0]["stages"]] == [[0, 3], [3, 6]]
+    assert stream["cgroup_peak_bytes"] and all(p["cgroup_peak_bytes"] for p in pipe)
+    assert pipe[0]["wire_hop_s"] > 0
+    text = markdown(res)
+    assert "| 3 |" in text and "pipeline / in RAM" in text

@@ -307,6 +307,22 @@ class PipelineModel:
             finally:
                 self._lock.release()
 
+    def probe_wire(self, nbytes: int, rounds: int = 20) -> float:
+        """Seconds one message of ``nbytes`` (a token's hidden state: ``hidden_size`` values in
+        the compute dtype) takes per hop, measured round the ring with no compute."""
+        if self.world.size == 1:
+            return 0.0
+        payload = torch.zeros(nbytes, dtype=torch.uint8)
+        with self._lock:
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                self._wire(lambda: (self.link.send(self.world.next_rank, {"op": "probe"}, [payload]),
+                                    self.link.recv(self.world.prev_rank), self.link.flush()))
+                best = min(best, time.perf_counter() - t0)
+            self._last_use = time.monotonic()
+        return best / self.world.size
+
     def remote_stats(self) -> list[dict]:
         """Every stage's wire figures (a round of the ring)."""
         with self._lock:
@@ -358,7 +374,7 @@ class StageWorker:
                 if op == "stats":
                     header["stats"].append({"rank": w.rank, **self.link.stats.to_dict()})
                 self.link.flush()
-                self.link.send(w.next_rank, header)  # ping, stats, stop and errors go round the ring
+                self.link.send(w.next_rank, header, tensors)  # pings, probes, stats, stop and errors go round the ring
                 if op == "stop":
                     self.link.flush()
                     return 0
