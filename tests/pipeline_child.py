@@ -15,13 +15,13 @@ import sys
 import torch
 
 
-def _engine_tokens(model, prompts: list[list[int]], new: int) -> tuple[dict, int]:
-    from runtime.engine import EngineCore, EngineRequest
+def _engine_tokens(model, prompts: list[list[int]], new: int, **config) -> tuple[dict, int]:
+    from runtime.engine import EngineConfig, EngineCore, EngineRequest
     from runtime.generate import SamplingConfig
     from runtime.kv import prefix_session_for
     from runtime.tokenizer import load_tokenizer
 
-    core = EngineCore(model, load_tokenizer(model.store, model.manifest), prefix_session_for(model))
+    core = EngineCore(model, load_tokenizer(model.store, model.manifest), prefix_session_for(model), EngineConfig(**config))
     outs: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         outs[str(i)] = []
@@ -74,6 +74,11 @@ def main() -> int:
     prompts = [torch.randint(4, 300, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12)]
     (got, batch_p), (want, batch_w) = _engine_tokens(model, prompts, spec.get("new_tokens", 10)), _engine_tokens(whole, prompts, spec.get("new_tokens", 10))
     out["engine"] = [got, want, batch_p, batch_w]
+    # prompts prefilled 8 tokens a step: some micro-batches hold only sequences mid-prompt (no logits kept)
+    chunked = dict(step_tokens=8, itl_factor=None)
+    prompts = [torch.randint(4, 300, (n,), generator=g).tolist() for n in (3, 29, 4, 33, 2)]
+    (got, batch_p), (want, batch_w) = _engine_tokens(model, prompts, 6, **chunked), _engine_tokens(whole, prompts, 6, **chunked)
+    out["engine_chunked"] = [got, want, batch_p, batch_w]
     out["wire"] = model.remote_stats()
     model.close()
     with open(spec["out"], "w") as f:

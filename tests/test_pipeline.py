@@ -124,6 +124,15 @@ def test_a_stage_below_one_layer_says_what_it_needs(caches):
 
 
 # -- ranks in processes ------------------------------------------------------------------------------
+def test_messages_keep_their_order_with_empty_tensors_in_flight():
+    """Several messages in flight at once, empty tensors among them (a micro-batch that keeps no
+    logits): each arrives whole and in order."""
+    procs = _ranks(2, [sys.executable, str(HERE / "wire_child.py")], stdout=subprocess.PIPE)
+    out = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in out]
+    assert out[1][0].strip() == "ok"
+
+
 @pytest.mark.parametrize("size,mode,micro", [(2, "none", 0), (3, "none", 1), (3, "int4", 0)])
 def test_ranks_give_the_single_process_tokens(tmp_path, caches, size, mode, micro):
     """Greedy tokens of plain, left-padded batched, prefix-cached and engine (continuous batch)
@@ -144,8 +153,9 @@ def test_ranks_give_the_single_process_tokens(tmp_path, caches, size, mode, micr
     for got, want, cached_p, cached_w in r["paged"]:
         assert got == want and cached_p == cached_w
     assert r["paged"][1][2] == 32  # the second run reused two full blocks of the 40-token prompt
-    got, want, batch_p, batch_w = r["engine"]
-    assert got == want and batch_p == batch_w > 1
+    for key in ("engine", "engine_chunked"):
+        got, want, batch_p, batch_w = r[key]
+        assert got == want and batch_p == batch_w > 1, key
     assert r["micro_batches"] == (size if micro == 0 else micro)
     wire = r["wire"]
     assert len(wire) == size and all(w["bytes_sent"] > 0 for w in wire)

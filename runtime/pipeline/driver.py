@@ -200,7 +200,8 @@ class PipelineModel:
             if self.lost:
                 raise StageLostError(self.lost)
             self._last_use = time.monotonic()
-            if isinstance(cache, BatchedPagedCache) and self.micro_batches > 1 and len(cache.layout.parts) > 1:
+            if (isinstance(cache, BatchedPagedCache) and isinstance(logits_to_keep, torch.Tensor) and self.micro_batches > 1
+                    and len(cache.layout.parts) > 1):
                 logits = self._forward_micro(input_ids, cache, logits_to_keep)
             else:
                 logits = self._forward_one(input_ids, cache, attention_mask, position_ids, logits_to_keep, use_cache)

@@ -34,6 +34,13 @@ class WireStats:
                 "send_s": round(self.send_s, 6), "recv_s": round(self.recv_s, 6)}
 
 
+MAX_HEADER_BYTES = 1 << 24
+
+
+class WireError(RuntimeError):
+    """A message that does not parse: the ranks are out of step."""
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
@@ -51,6 +58,8 @@ class Link:
         head = torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8)
         parts = [torch.tensor([head.numel()], dtype=torch.int64), head, *(_as_bytes(t) for t in tensors)]
         for p in parts:
+            if not p.numel():  # an empty tensor travels in the header alone (the receiver posts no receive for it)
+                continue
             self.stats.pending.append((dist.isend(p, dst, group=self.group), p))
             self.stats.bytes_sent += p.numel() * p.element_size()
         self.stats.messages_sent += 1
@@ -66,8 +75,11 @@ class Link:
 
     def recv(self, src: int) -> tuple[dict, list[torch.Tensor]]:
         t0 = time.perf_counter()
-        size = torch.empty(1, dtype=torch.int64)
+        size = torch.full((1,), -1, dtype=torch.int64)
         dist.recv(size, src, group=self.group)
+        if not 0 < int(size) <= MAX_HEADER_BYTES:
+            raise WireError(f"rank {src} sent a message header of {int(size)} bytes: the ranks' messages are out of step "
+                            "(ranks of different sli versions?)")
         head = torch.empty(int(size), dtype=torch.uint8)
         dist.recv(head, src, group=self.group)
         header = pickle.loads(head.numpy().tobytes())
