@@ -162,7 +162,7 @@ class StreamingModel:
 
         # packed int4: the kernel's own layout, derived from the portable records for this host (built once)
         self.layout = derived_layout(self.manifest, head=self.arch.head, embed=self.arch.embed, fuse=fuse) if packed_int4 is not False else {}
-        self.layout = _stage_layout(self.layout, self.stage, head_name)
+        self.layout = _stage_layout(self.layout, self.stage, self.head_entry.name)  # tied: the head is the embedding matrix
         if packed_int4 and not self.layout:
             raise ValueError("packed_int4=True but this variant has no int4 tensors the CPU int4 kernel can take")
         if self.layout and dtype != torch.bfloat16:
@@ -400,7 +400,8 @@ def _keep_stage_layers(model: nn.Module, arch: ArchSpec, stage: Stage) -> StageL
 
 
 def _stage_layout(layout: dict, stage: Stage, head_name: str) -> dict:
-    """The derived (packed int4) tensors a stage uses: its layers', the head on the last stage."""
+    """The derived (packed int4) tensors a stage uses: its layers', the head on the last stage
+    (``head_name``: the head's own tensor, the embedding matrix when they are tied)."""
     if stage.is_whole:
         return layout
     out = {}

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from cache import LayerStore
-from conftest import make_tiny_model
+from conftest import TINY_TYPES, make_tiny_model
 from runtime.budget import BudgetTooSmallError
 from runtime.executor import StreamingModel
 from runtime.pipeline import PipelineConfig, split_layers
@@ -115,6 +115,28 @@ def test_stages_chained_in_one_process_match_the_whole_model(caches):
             for s in stages:
                 s.close()
             whole.close()
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_stages_of_every_architecture_match_the_whole_model(tmp_path, tiny_root, model_type):
+    """Tied embeddings, int4 on the packed kernel: the last stage computes the head from the
+    packed embedding matrix as the whole model does (it once fell back to the records), for
+    every architecture the registry runs (gemma's embedding scale included)."""
+    path = make_tiny_model(tiny_root, model_type, layers=4, seed=3, tie_word_embeddings=True)
+    r = UniversalSLIProcessor(path, quantization_config=QuantizationConfig(mode="int4"), cache_dir=tmp_path, progress=False).quantize()
+    ids = torch.randint(4, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with LayerStore(tmp_path, readonly=True) as st:
+        kw = dict(memory_budget=1 << 40, dtype=torch.bfloat16, context_tokens=64)
+        whole = StreamingModel(st, r.variant_id, **kw)
+        want = whole.logits(ids)
+        h = ids
+        for s in (Stage(0, 1, 4), Stage(1, 3, 4), Stage(3, 4, 4)):
+            m = StreamingModel(st, r.variant_id, stage=s, **kw)
+            assert (m.head_derived is not None) == (whole.head_derived is not None and s.last)  # the packed head: last stage only
+            h = m.run_stage(h, use_cache=False)
+            m.close()
+        assert torch.equal(h.logits.float(), want)
+        whole.close()
 
 
 def test_a_stage_below_one_layer_says_what_it_needs(caches):
