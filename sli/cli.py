@@ -578,7 +578,8 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-heartbeat", type=float, default=d.heartbeat_s,
                    help="seconds between pings round the ring while idle (default: %(default)s)")
     g.add_argument("--micro-batches", type=int, default=d.micro_batches,
-                   help="micro-batches a batched step is cut into (0: one per stage when every stage holds its layers)")
+                   help="most micro-batches a batched step is cut into (0: one per stage when every stage holds its layers, "
+                        "prefill steps only; 1: never)")
     g.add_argument("--restart-grace", type=float, default=d.restart_grace_s,
                    help="serve: seconds the server answers after a stage is lost before it exits for torchrun to restart it")
 

@@ -155,7 +155,7 @@ def test_messages_keep_their_order_with_empty_tensors_in_flight():
     assert out[1][0].strip() == "ok"
 
 
-@pytest.mark.parametrize("size,mode,micro", [(2, "none", 0), (3, "none", 1), (3, "int4", 0)])
+@pytest.mark.parametrize("size,mode,micro", [(2, "none", 0), (3, "none", 1), (3, "int4", 3)])
 def test_ranks_give_the_single_process_tokens(tmp_path, caches, size, mode, micro):
     """Greedy tokens of plain, left-padded batched, prefix-cached and engine (continuous batch)
     generation over 2 and 3 ranks equal one process holding the whole model; micro-batches on

@@ -39,6 +39,10 @@ from runtime.sizing import Stage
 logger = logging.getLogger(__name__)
 
 EXIT_STAGE_LOST = 75  # EX_TEMPFAIL: torchrun restarts the world (when restarts are left)
+# a micro-batch of fewer tokens is bound by reading the weights, not by computing: cutting a step
+# of that size only reads each stage's weights once more per micro-batch (on AVX-512, the packed
+# int4 kernel's cost grows with rows from about this many on; runtime.rows measures it per host)
+MIN_MICRO_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class PipelineModel:
         self.prefill_chunk = min(s.prefill_chunk for s in stages)
         cfg = world.config
         holds = not any(s.streaming for s in stages)
+        self.auto_micro = cfg.micro_batches == 0
         self.micro_batches = cfg.micro_batches or (world.size if holds else 1)
         self.link = Link(world.ring)
         self.keys = CacheKeys()
@@ -200,9 +205,9 @@ class PipelineModel:
             if self.lost:
                 raise StageLostError(self.lost)
             self._last_use = time.monotonic()
-            if (isinstance(cache, BatchedPagedCache) and isinstance(logits_to_keep, torch.Tensor) and self.micro_batches > 1
-                    and len(cache.layout.parts) > 1):
-                logits = self._forward_micro(input_ids, cache, logits_to_keep)
+            m = self._micro_batches_for(cache, logits_to_keep)
+            if m > 1:
+                logits = self._forward_micro(input_ids, cache, logits_to_keep, m)
             else:
                 logits = self._forward_one(input_ids, cache, attention_mask, position_ids, logits_to_keep, use_cache)
             self._last_use = time.monotonic()
@@ -224,11 +229,22 @@ class PipelineModel:
         self._send_forward(h, cache, attention_mask, position_ids, logits_to_keep, use_cache, start=start, mb=0)
         return self._receive_logits(1)[0]
 
-    def _forward_micro(self, input_ids, cache: BatchedPagedCache, logits_to_keep) -> torch.Tensor:
+    def _micro_batches_for(self, cache, logits_to_keep) -> int:
+        """Micro-batches for this step: automatic (``micro_batches=0``): one per stage, but none
+        under :data:`MIN_MICRO_TOKENS` tokens (a decode step stays whole: its cost is reading the
+        weights, which each micro-batch would read again); else as configured."""
+        if not isinstance(cache, BatchedPagedCache) or not isinstance(logits_to_keep, torch.Tensor):
+            return 1
+        m = min(self.micro_batches, len(cache.layout.parts))
+        if self.auto_micro:
+            m = min(m, cache.layout.num_tokens // MIN_MICRO_TOKENS)
+        return max(m, 1)
+
+    def _forward_micro(self, input_ids, cache: BatchedPagedCache, logits_to_keep, m: int) -> torch.Tensor:
         """A batched step in micro-batches: each is sent on as soon as rank 0's layers are done with it."""
         parts = cache.layout.parts
         keep = torch.as_tensor(logits_to_keep)
-        groups = _micro_groups(parts, self.micro_batches)
+        groups = _micro_groups(parts, m)
         offsets = [0]
         for p in parts:
             offsets.append(offsets[-1] + p[1])

@@ -58,8 +58,10 @@ class PipelineConfig:
         heartbeat_s: how often rank 0 sends a ping round the ring while idle (also how often
             every rank counts a heartbeat in the store); well under ``timeout_s``.
         split: :class:`Split` of the layers.
-        micro_batches: micro-batches a batched step is cut into so that every stage computes
-            at once (0: one per stage when every stage holds its layers, else 1; 1: none).
+        micro_batches: most micro-batches a batched step is cut into so that every stage
+            computes at once (0, automatic: one per stage when every stage holds its layers, and
+            only steps of at least 64 tokens a micro-batch, i.e. prefill: a decode step's cost is
+            reading the weights, which every micro-batch would read again; 1: never).
         backend: ``torch.distributed`` backend (default: gloo).
         restart_grace_s: after a stage is lost, how long rank 0's server keeps answering
             (``/health`` naming the stage, 503 to requests) before it exits for ``torchrun`` to
