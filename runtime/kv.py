@@ -448,8 +448,10 @@ def pool_for(model, *, kv_dtype: KVDtype | str = KVDtype.AUTO, block_size: int =
     fp32 one), so the same bytes hold about twice the tokens (four times)."""
     check_paged(model.config)
     layers, heads, dim = kv_shape(model.config)
+    from runtime.sizing import Stage
+
     stage = getattr(model, "stage", None)  # a pipeline stage holds its own layers' KV
-    held = stage.layers if stage is not None else range(layers)
+    held = stage.layers if isinstance(stage, Stage) else range(layers)
     return BlockPool(
         pool_blocks(model, kv_dtype=kv_dtype, block_size=block_size), block_size=block_size, num_layers=len(held),
         kv_heads=heads, head_dim=dim, dtype=model.dtype, kv_dtype=kv_dtype, first_layer=held.start,

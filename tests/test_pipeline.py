@@ -155,7 +155,7 @@ def test_messages_keep_their_order_with_empty_tensors_in_flight():
     assert out[1][0].strip() == "ok"
 
 
-@pytest.mark.parametrize("size,mode,micro", [(2, "none", 0), (3, "none", 1), (3, "int4", 3)])
+@pytest.mark.parametrize("size,mode,micro", [(2, "none", 0), pytest.param(3, "none", 1, marks=pytest.mark.slow), (3, "int4", 3)])
 def test_ranks_give_the_single_process_tokens(tmp_path, caches, size, mode, micro):
     """Greedy tokens of plain, left-padded batched, prefix-cached and engine (continuous batch)
     generation over 2 and 3 ranks equal one process holding the whole model; micro-batches on
@@ -253,7 +253,7 @@ def _ready(url: str, procs, timeout: float = 180) -> None:
     raise AssertionError("the pipeline server did not start:\n" + "\n".join(p.communicate()[1][-2000:] for p in procs))
 
 
-@pytest.mark.parametrize("fault", ["killed", "stopped"])
+@pytest.mark.parametrize("fault", ["killed", pytest.param("stopped", marks=pytest.mark.slow)])
 def test_a_lost_stage_ends_requests_names_the_stage_and_stops_the_server(caches, fault):
     """A rank killed (its socket closes) or stopped (it never answers) is found within the
     ring's timeout: the request in flight ends with the stage named, /health says which stage
