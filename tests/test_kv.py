@@ -3,9 +3,11 @@
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +167,10 @@ def test_chat_script_in_a_terminal(real_model, tmp_path):
     """scripts/chat.py driven through a pseudo-terminal: answer, /stats, Ctrl-C, /reset, end of input."""
     pid, fd = pty.fork()
     if pid == 0:
+        # the terminal's Ctrl-C must reach the script as a user's would: an ignored or blocked
+        # SIGINT would pass from this test process through exec unchanged
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, "scripts/chat.py", str(real_model), "--cache", str(tmp_path),
                                   "--mode", "int8", "--memory-budget", "200MB", "--max-new-tokens", "200"])
     buf = b""
@@ -174,7 +180,9 @@ def test_chat_script_in_a_terminal(real_model, tmp_path):
         end = time.time() + timeout
         while token not in buf:
             if time.time() > end:
-                raise AssertionError(f"no {token!r} in {buf[-2000:]!r}")
+                status = Path(f"/proc/{pid}/status")
+                sig = [x for x in status.read_text().splitlines() if x.startswith("Sig")] if status.exists() else []
+                raise AssertionError(f"no {token!r} in {buf[-2000:]!r}; the script's signals: {sig}")
             r, _, _ = select.select([fd], [], [], 0.5)
             if r:
                 try:
