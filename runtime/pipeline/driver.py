@@ -28,9 +28,8 @@ import torch
 
 from runtime.budget import MemoryBudget
 from runtime.executor import StreamingModel
-from runtime.kv import PagedKVCache
+from runtime.kv import Block, PagedKVCache
 from runtime.kvbatch import BatchedPagedCache, SeqSlice, step_layout
-from runtime.kv import Block
 from runtime.pipeline.mirror import CacheKeys, KVMirror, describe
 from runtime.pipeline.wire import Link
 from runtime.pipeline.world import PipelineConfig, PipelineError, Split, StageLostError, World, WorldMismatchError, split_layers
@@ -102,7 +101,8 @@ def open_stage(store, variant_id: str, config: PipelineConfig, *, memory_budget,
                                  "(same model, same variant, same --dtype)")
     budget = MemoryBudget(memory_budget)
     weights = world.gather(budget.bytes) if config.split is Split.BUDGET else [1] * world.size
-    stage = split_layers(num_layers, [float(w) for w in weights])[world.rank]
+    stages = split_layers(num_layers, [float(w) for w in weights])
+    stage = stages[world.rank]
     local, error = None, None
     try:
         local = StreamingModel(store, variant_id, memory_budget=memory_budget, stage=stage, **model_kwargs)
@@ -116,7 +116,7 @@ def open_stage(store, variant_id: str, config: PipelineConfig, *, memory_budget,
         if local is not None:
             local.close()
         world.close()
-        msg = "; ".join(f"rank {r} ({split_layers(num_layers, [float(w) for w in weights])[r].describe()}): {i}" for r, i in failed)
+        msg = "; ".join(f"rank {r} ({stages[r].describe()}): {i}" for r, i in failed)
         raise PipelineError(f"the pipeline could not start: {msg}") from error
     for i in infos if world.rank == 0 else [infos[world.rank]]:
         logger.info("%s", i.describe())
